@@ -81,4 +81,32 @@ inline uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(sign | r);
 }
 
+// Host storage tags for 16-bit data (the raw bits); device code uses __half / __nv_bfloat16.
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(bf16_t v) { return bf16_to_f32(v.bits); }
+inline float to_f32(f16_t v) { return f16_to_f32(v.bits); }
+
+template <class T> inline T from_f32(float v);
+template <> inline float from_f32<float>(float v) { return v; }
+template <> inline bf16_t from_f32<bf16_t>(float v) { return bf16_t{f32_to_bf16(v)}; }
+template <> inline f16_t from_f32<f16_t>(float v) { return f16_t{f32_to_f16(v)}; }
+
+// Calls fn(T{}) with the host storage type of dt, so a kernel template is written once.
+template <class Fn>
+inline void visit_host_dtype(DType dt, Fn&& fn) {
+  switch (dt) {
+    case DType::f32: fn(float{}); break;
+    case DType::f16: fn(f16_t{}); break;
+    case DType::bf16: fn(bf16_t{}); break;
+  }
+}
+
+// Start of part p when `total` items are cut into `parts` contiguous, near-equal parts. Reductions
+// cut their rows this way with `parts` fixed by the shape alone, so their sums are deterministic
+// whatever the thread count or device.
+BLIP3O_HD int64_t split_point(int64_t total, int64_t parts, int64_t p) { return total * p / parts; }
+
 }  // namespace blip3o

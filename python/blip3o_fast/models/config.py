@@ -72,6 +72,7 @@ class DiTConfig:
     patch_size: int = 1
     caption_dim: int = 2048  # backbone hidden size, projected to hidden_size
     rope_theta: float = 10000.0
+    ffn_hidden: int | None = None  # set when read from weight shapes; else derived as Lumina does
 
     @property
     def head_dim(self) -> int:
@@ -83,6 +84,8 @@ class DiTConfig:
 
     @property
     def ffn_hidden_size(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
         hidden = int(2 * 4 * self.hidden_size / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)

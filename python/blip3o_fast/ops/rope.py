@@ -92,8 +92,11 @@ def apply_rope(
 
 
 def rope_inv_freq(dim: int, theta: float) -> torch.Tensor:
-    """Standard RoPE inverse frequencies 1 / theta^(2i/dim), i < dim/2, in fp32 (as transformers builds them)."""
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    """Standard RoPE inverse frequencies 1 / theta^(2i/dim), i < dim/2, in fp32 (as transformers builds them).
+
+    Always built on the CPU, also inside a torch.device("meta") context: models keep it as a plain
+    tensor, which loading weights into a meta-built model would otherwise leave without data."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,314 @@
+"""GPU static report: compile every GPU kernel for sm_80 and sm_90 with no GPU present and report
+registers, spills, stack and shared memory per kernel and production config.
+
+Triton kernels in kernels/ are compiled with triton.compile(ASTSource(...), target=GPUTarget(...))
+at the block sizes and warp counts their launchers pick for the production shapes below, then the
+ptxas bundled with Triton reports resources (-v). The sm_90 PTX is also scanned for wgmma, TMA
+(cp.async.bulk) and 16-byte vector loads (ld.global.v4). CUDA sources in csrc/cuda/ are compiled
+with nvcc -Xptxas -v. Exit status 1 on any compile error or any spill.
+
+    python benchmarks/gpu_static_report.py [--json out.json] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import os
+
+# Compiling for a GPU target needs the real JIT, not the CPU interpreter; set before triton loads.
+os.environ.pop("TRITON_INTERPRET", None)
+# Triton 3.9's launch-time default, made explicit so it does not warn once per worker.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import argparse  # noqa: E402
+import concurrent.futures as cf  # noqa: E402
+import glob  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGETS = (80, 90)
+
+# Production shapes (DESIGN.md): LLM hidden 2048 (3B) / 3584 (7B) over 8192 rows; DiT hidden 1792;
+# RoPE head_dim 64 / 128 with 14-28 heads; the 7B MLP's 18944-wide activation.
+ROWS = 8192
+LLM_N = (2048, 3584)
+DIT_N = 1792
+ROPE = ((28, 128), (14, 64))  # (heads, head_dim)
+SWIGLU_N = ROWS * 18944
+DTYPES = ("fp32", "bf16")
+SMS = 132  # H100 SXM; sizes the scratch the backward reductions sum over
+
+
+@dataclass
+class Config:
+    module: str
+    kernel: str
+    label: str
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    divisible: list = field(default_factory=list)  # args the runtime would specialise as 16-divisible
+
+
+@dataclass
+class Result:
+    kernel: str
+    label: str
+    target: str
+    num_warps: int = 0
+    registers: int = -1
+    spill_stores: int = 0
+    spill_loads: int = 0
+    stack: int = 0
+    shared: int = 0
+    wgmma: bool = False
+    tma: bool = False
+    v4_loads: bool = False
+    error: str = ""
+
+
+def _sig(names_types: dict, constexprs: dict) -> dict:
+    sig = dict(names_types)
+    sig.update({k: "constexpr" for k in constexprs})
+    return sig
+
+
+def triton_configs() -> list[Config]:
+    """Configs built from the launchers' own block/warp choices, so the report sees what runs."""
+    from blip3o_fast.kernels import rms_norm as rn
+    from blip3o_fast.kernels import rope as rp
+    from blip3o_fast.kernels import swiglu as sw
+
+    out: list[Config] = []
+    for dt in DTYPES:
+        p = f"*{dt}"
+        for n in LLM_N:
+            bm, bn = rn.row_blocks(n)
+            warps = rn.num_warps_for(bm * bn)
+            ce = {"BLOCK_M": bm, "BLOCK_N": bn}
+            out.append(Config("rms_norm", "rms_norm_fwd_kernel", f"{dt} N={n}", _sig(
+                {"x_ptr": p, "w_ptr": p, "out_ptr": p, "rstd_ptr": "*fp32", "rows": "i32", "N": "i32",
+                 "eps": "fp32"}, ce), ce, warps, ["x_ptr", "w_ptr", "out_ptr", "rstd_ptr", "rows", "N"]))
+            out.append(Config("rms_norm", "rms_norm_bwd_kernel", f"{dt} N={n}", _sig(
+                {"dy_ptr": p, "x_ptr": p, "w_ptr": p, "rstd_ptr": "*fp32", "dx_ptr": p, "dw_part_ptr": "*fp32",
+                 "rows": "i32", "N": "i32"}, ce), ce, warps,
+                ["dy_ptr", "x_ptr", "w_ptr", "rstd_ptr", "dx_ptr", "dw_part_ptr", "rows", "N"]))
+        bm, bn = rn.row_blocks(DIT_N)
+        warps = rn.num_warps_for(bm * bn)
+        ce = {"BLOCK_M": bm, "BLOCK_N": bn}
+        out.append(Config("rms_norm_modulate", "rms_norm_modulate_fwd_kernel", f"{dt} N={DIT_N}", _sig(
+            {"x_ptr": p, "w_ptr": p, "scale_ptr": p, "out_ptr": p, "rstd_ptr": "*fp32", "rows": "i32", "T": "i32",
+             "N": "i32", "eps": "fp32"}, ce), ce, warps,
+            ["x_ptr", "w_ptr", "scale_ptr", "out_ptr", "rstd_ptr", "rows", "T", "N"]))
+        out.append(Config("rms_norm_modulate", "rms_norm_modulate_bwd_kernel", f"{dt} N={DIT_N}", _sig(
+            {"dy_ptr": p, "x_ptr": p, "w_ptr": p, "scale_ptr": p, "rstd_ptr": "*fp32", "dx_ptr": p,
+             "dw_part_ptr": "*fp32", "ds_part_ptr": "*fp32", "T": "i32", "N": "i32"}, ce), ce, warps,
+            ["dy_ptr", "x_ptr", "w_ptr", "scale_ptr", "rstd_ptr", "dx_ptr", "dw_part_ptr", "ds_part_ptr", "T", "N"]))
+        for heads, d in ROPE:
+            br, bh = rp.rope_blocks(d)
+            for inter in (False, True):
+                for inverse in (False, True):
+                    ce = {"BLOCK_R": br, "BLOCK_HALF": bh, "INTERLEAVED": inter, "INVERSE": inverse}
+                    label = f"{dt} H={heads} D={d} {'inter' if inter else 'half'}{' inv' if inverse else ''}"
+                    out.append(Config("rope", "rope_apply_kernel", label, _sig(
+                        {"x_ptr": p, "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": p, "rows": "i32",
+                         "H": "i32", "D": "i32"}, ce), ce, rn.num_warps_for(2 * br * bh),
+                        ["x_ptr", "cos_ptr", "sin_ptr", "out_ptr", "rows", "D"]))
+        block = sw.swiglu_block(SWIGLU_N)
+        ce = {"BLOCK": block}
+        out.append(Config("swiglu", "swiglu_fwd_kernel", f"{dt} n={SWIGLU_N}", _sig(
+            {"gate_ptr": p, "up_ptr": p, "out_ptr": p, "n": "i32"}, ce), ce, rn.num_warps_for(block),
+            ["gate_ptr", "up_ptr", "out_ptr", "n"]))
+        out.append(Config("swiglu", "swiglu_bwd_kernel", f"{dt} n={SWIGLU_N}", _sig(
+            {"dy_ptr": p, "gate_ptr": p, "up_ptr": p, "dgate_ptr": p, "dup_ptr": p, "n": "i32"}, ce), ce,
+            rn.num_warps_for(block), ["dy_ptr", "gate_ptr", "up_ptr", "dgate_ptr", "dup_ptr", "n"]))
+    # The deterministic reduction behind every backward's dweight/dscale (fp32 partials).
+    for n, parts in ((LLM_N[-1], 2 * SMS), (DIT_N, 2 * SMS)):
+        bp, bn = rn.partial_blocks(parts, n)
+        ce = {"BLOCK_P": bp, "BLOCK_N": bn}
+        out.append(Config("rms_norm", "sum_partials_kernel", f"fp32 P={parts} N={n}", _sig(
+            {"part_ptr": "*fp32", "out_ptr": "*fp32", "P": "i32", "N": "i32"}, ce), ce, rn.num_warps_for(bp * bn),
+            ["part_ptr", "out_ptr", "N"]))
+    return out
+
+
+def _ptxas_path(cc: int) -> str:
+    """The ptxas Triton itself uses for this target: it bundles two, and only the newer one reads the
+    PTX version Triton emits for sm_90."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(cc).path
+
+
+def parse_ptxas(text: str) -> dict[str, dict]:
+    """ptxas -v output -> {function: {registers, spill_stores, spill_loads, stack[, shared]}}."""
+    found: dict[str, dict] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line) or re.search(r"Function properties for (\S+)", line)
+        if m:
+            current = found.setdefault(m.group(1), {"registers": -1, "spill_stores": 0, "spill_loads": 0, "stack": 0})
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current["stack"], current["spill_stores"], current["spill_loads"] = map(int, m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["registers"] = int(m.group(1))
+        m = re.search(r"(\d+) bytes smem", line)
+        if m:
+            current["shared"] = int(m.group(1))
+    return found
+
+
+def ptx_features(ptx: str) -> dict[str, bool]:
+    return {
+        "wgmma": "wgmma" in ptx,
+        "tma": "cp.async.bulk" in ptx,
+        "v4_loads": bool(re.search(r"ld\.global(\.\w+)*\.v4", ptx)),
+    }
+
+
+def ptx_entries(ptx: str) -> dict[str, str]:
+    """Split a PTX module into {entry name: its text} so features are reported per kernel."""
+    parts = re.split(r"(?=^\.(?:visible\s+)?\.?entry\s)", ptx, flags=re.M)
+    out = {}
+    for part in parts:
+        m = re.match(r"\.(?:visible\s+)?\.?entry\s+(\S+?)\s*\(", part)
+        if m:
+            out[m.group(1)] = part
+    return out
+
+
+def compile_triton(cfg: Config, cc: int) -> Result:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    res = Result(cfg.kernel, cfg.label, f"sm_{cc}", num_warps=cfg.num_warps)
+    try:
+        fn = getattr(importlib.import_module(f"blip3o_fast.kernels.{cfg.module}"), cfg.kernel)
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in cfg.divisible}
+        src = ASTSource(fn=fn, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": cfg.num_warps})
+        ptx = k.asm["ptx"]
+        res.shared = int(k.metadata.shared)
+        for key, value in ptx_features(ptx).items():
+            setattr(res, key, value)
+        arch = "sm_90a" if cc == 90 else f"sm_{cc}"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            run = subprocess.run([_ptxas_path(cc), "-v", "--gpu-name", arch, path, "-o", os.path.join(tmp, "k.cubin")],
+                                 capture_output=True, text=True)
+        if run.returncode:
+            res.error = run.stderr.strip()[-400:]
+            return res
+        stats = parse_ptxas(run.stdout + run.stderr)
+        if len(stats) != 1:
+            res.error = f"expected one function in ptxas output, got {list(stats)}"
+            return res
+        for key, value in next(iter(stats.values())).items():
+            setattr(res, key, value)
+    except Exception as exc:  # a compile failure is a report line, not a crash
+        res.error = f"{type(exc).__name__}: {exc}"[-400:]
+    return res
+
+
+def _short_name(demangled: str) -> str:
+    """'void blip3o::cuda::ns::(anonymous namespace)::kern<__half>(...)' -> 'ns::kern<fp16>'."""
+    name = demangled.removeprefix("void ")
+    for long, short in (("blip3o::cuda::", ""), ("(anonymous namespace)::", ""), ("__nv_bfloat16", "bf16"),
+                        ("__half", "fp16")):
+        name = name.replace(long, short)
+    if name.endswith(")"):
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[i], 0)
+            if depth == 0:
+                return name[:i]
+    return name
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    tool = shutil.which("cu++filt") or shutil.which("c++filt")
+    if not tool or not names:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.split("\n")
+    return {n: (_short_name(out[i]) if i < len(out) and out[i] else n) for i, n in enumerate(names)}
+
+
+def compile_cuda(path: str, cc: int) -> list[Result]:
+    rel = os.path.relpath(path, ROOT)
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return [Result(rel, "-", f"sm_{cc}", error="nvcc not found")]
+    with tempfile.TemporaryDirectory() as tmp:
+        # -keep leaves the PTX of this same compile in tmp, for the feature scan
+        cmd = [nvcc, "-c", path, "-o", os.path.join(tmp, "k.o"), "-O3", "-std=c++17", "--expt-relaxed-constexpr",
+               f"-gencode=arch=compute_{cc},code=sm_{cc}", "-Xptxas", "-v", "-keep", "-keep-dir", tmp,
+               "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc"), "-DBLIP3O_WITH_CUDA=1"]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        entries: dict[str, str] = {}
+        for ptx_path in glob.glob(os.path.join(tmp, "*.ptx")):
+            with open(ptx_path) as f:
+                entries.update(ptx_entries(f.read()))
+    if run.returncode:
+        return [Result(rel, "-", f"sm_{cc}", error=run.stderr.strip()[-600:])]
+    stats = parse_ptxas(run.stdout + run.stderr)
+    names = _demangle(list(stats))
+    return [Result(names[fn], rel, f"sm_{cc}", **s, **ptx_features(entries.get(fn, ""))) for fn, s in stats.items()]
+
+
+def _row(r: Result) -> str:
+    if r.error:
+        return f"{r.kernel:<44} {r.label:<30} {r.target:<6} ERROR {r.error.splitlines()[-1] if r.error else ''}"
+    flags = ",".join(n for n, on in (("wgmma", r.wgmma), ("tma", r.tma), ("v4", r.v4_loads)) if on) or "-"
+    return (f"{r.kernel:<44} {r.label:<30} {r.target:<6} {r.num_warps or '-':>5} {r.registers:>5} "
+            f"{r.spill_stores:>6} {r.spill_loads:>6} {r.stack:>6} {r.shared:>7}  {flags}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    args = ap.parse_args()
+    sys.path.insert(0, ROOT)
+
+    jobs = [(compile_triton, cfg, cc) for cfg in triton_configs() for cc in TARGETS]
+    cu_files = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    jobs += [(compile_cuda, path, cc) for path in cu_files for cc in TARGETS]
+    with cf.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(fn, what, cc) for fn, what, cc in jobs]
+        results: list[Result] = []
+        for fut in futures:
+            got = fut.result()
+            results.extend(got if isinstance(got, list) else [got])
+
+    print(f"{'kernel':<44} {'config':<30} {'target':<6} {'warps':>5} {'regs':>5} {'spillS':>6} {'spillL':>6} "
+          f"{'stack':>6} {'smem':>7}  ptx features")
+    for r in results:
+        print(_row(r))
+    if not cu_files:
+        print("(no CUDA sources in csrc/cuda/)")
+    errors = [r for r in results if r.error]
+    spills = [r for r in results if not r.error and (r.spill_stores or r.spill_loads)]
+    print(f"\n{len(results)} compiled kernels: {len(errors)} errors, {len(spills)} with spills")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
+    return 1 if errors or spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -300,3 +300,41 @@ def test_plain_transformers_llama_loads_and_generates_text(tmp_path):
     assert model.generate_text(["hello"], max_new_tokens=8)[0] == model.tokenizer.decode(new, skip_special_tokens=True)
     with pytest.raises(ValueError, match="no DiT"):
         model.generate_image_features(["a red circle"])
+
+
+def test_plain_transformers_qwen2_5_vl_loads_with_images(tmp_path):
+    """A transformers-5 Qwen2.5-VL folder (nested text_config, rope_parameters, model.language_model.*)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from blip3o_fast.models.image_processing import QwenImageProcessor
+    from blip3o_fast.tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer("qwen2_5_vl")
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
+        ("image_token_id", "<|image_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+        ("vision_end_token_id", "<|vision_end|>"))}
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[1]),
+        **ids,
+    )
+    torch.manual_seed(0)
+    hf = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    QwenImageProcessor().save_pretrained(tmp_path)
+    model = bf.BLIP3o.from_pretrained(tmp_path)
+    assert model.network.dit is None and model.network.visual is not None
+    state = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+             for k, v in hf.state_dict().items()}
+    ours = model.network.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in state.items() if k in ours)
+    answer = model.generate_text(["Describe the image."], images=[[picture(0)]], max_new_tokens=6)
+    assert isinstance(answer[0], str)
+    with pytest.raises(ValueError, match="no DiT"):
+        model.generate_image(["a red circle"])

@@ -67,15 +67,16 @@ class BLIP3oNetwork(CausalLM):
 ImageArg = Image.Image | Sequence[Image.Image]
 
 
-def _empty_network(config: BLIP3oConfig) -> BLIP3oNetwork:
-    """A network to load weights into, built without paying for random initialisation (meta device),
-    unless a module keeps non-persistent buffers, which only their constructor can fill."""
+def _empty_network(config: BLIP3oConfig, device: torch.device | str, dtype: torch.dtype) -> BLIP3oNetwork:
+    """A network to load weights into, allocated once in its final device and dtype without paying
+    for random initialisation (meta device), unless a module keeps non-persistent buffers, which
+    only their constructor can fill."""
     with torch.device("meta"):
         network = BLIP3oNetwork(config)
     persistent = set(network.state_dict())
     if any(name not in persistent for name, _ in network.named_buffers()):
-        return BLIP3oNetwork(config)
-    return network.to_empty(device="cpu")
+        return BLIP3oNetwork(config).to(device=device, dtype=dtype)
+    return network.to(dtype=dtype).to_empty(device=device)
 
 
 def _check_prompts(name: str, prompts: Sequence[Any]) -> list[Any]:
@@ -174,12 +175,11 @@ class BLIP3o:
         if (folder / DECODER_FOLDER).is_dir():
             decoder = PixelDecoder.from_pretrained(folder / DECODER_FOLDER, device=device, dtype=dtype)
             config.decoder = decoder.cfg
-        network = _empty_network(config)
+        network = _empty_network(config, device, dtype)
         tied = ("lm_head.weight",) if config.text.tie_word_embeddings else ()
         load_strict(network, state, str(folder), optional=tied)
         if config.text.tie_word_embeddings:
             network.lm_head.weight = network.model.embed_tokens.weight
-        network.to(device=device, dtype=dtype)
         if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             raise FileNotFoundError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {folder}")
         tokenizer = _load_tokenizer(folder)

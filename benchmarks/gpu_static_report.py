@@ -78,6 +78,81 @@ def _sig(names_types: dict, constexprs: dict) -> dict:
     return sig
 
 
+# DiT attention (kernels/dit_attention.py): head dims 64 and 128, the DiT's 64 tokens and a 4096-token
+# case, self-attention (k LayerNorm + RoPE) everywhere, cross-attention (mask, gate, residual) at 64 tokens.
+DIT_ATTN_HEADS = 28
+DIT_ATTN_D = (64, 128)
+DIT_ATTN_T = (64, 4096)
+
+
+def _dit_attention_configs() -> list[Config]:
+    import torch
+
+    from blip3o_fast.kernels import dit_attention as da
+    from blip3o_fast.kernels import rms_norm as rn
+
+    ptrs = ("q_ptr", "k_ptr", "v_ptr", "qw_ptr", "qb_ptr", "kw_ptr", "kb_ptr", "cos_ptr", "sin_ptr", "qstat_ptr",
+            "kstat_ptr", "kmask_ptr", "gate_ptr")
+    out: list[Config] = []
+    for dt in DTYPES:
+        p = f"*{dt}"
+        tdt = torch.float32 if dt == "fp32" else torch.bfloat16
+        types = {n: p for n in ptrs}
+        types.update(cos_ptr="*fp32", sin_ptr="*fp32", qstat_ptr="*fp32", kstat_ptr="*fp32", kmask_ptr="*u8")
+        for d in DIT_ATTN_D:
+            for t in DIT_ATTN_T:
+                for cross in ((False, True) if t == 64 else (False,)):
+                    flags = {"K_NORM": not cross, "ROPE_K": not cross, "HAS_MASK": cross, "HAS_GATE": cross}
+                    label = f"{dt} D={d} T={t} {'cross' if cross else 'self'}"
+                    div = [*ptrs, "Tq", "Tk"]
+                    bm, bn, warps = da.attention_blocks("fwd", t, t, d, tdt)
+                    ce = {"D": d, "BLOCK_M": bm, "BLOCK_N": bn, **flags, "HAS_RES": cross, "WRITE_O": True,
+                          "UPCAST": False, "F32_OPERANDS": False}
+                    sig = {**types, "res_ptr": p, "out_ptr": p, "lse_ptr": "*fp32", "o_ptr": p, "Tq": "i32",
+                           "Tk": "i32", "Hq": "i32", "Hkv": "i32", "GROUP": "i32", "qk_scale": "fp32"}
+                    out.append(Config("dit_attention", "dit_attention_fwd_kernel", label, _sig(sig, ce), ce, warps,
+                                      div + ["res_ptr", "out_ptr", "lse_ptr", "o_ptr"]))
+                    # backward: q, k arrive prepared (normalised, rotated) by dit_attention_prep_kernel
+                    bwd = {"qs_ptr": p, "kn_ptr": p, "v_ptr": p, "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                           "kmask_ptr": "*u8", "gate_ptr": p, "dout_ptr": p, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+                    bdiv = [*bwd, "Tq", "Tk"]
+                    bflags = {"HAS_MASK": cross, "HAS_GATE": cross, "UPCAST": False}
+                    bm, bn, warps = da.attention_blocks("dq", t, t, d, tdt)
+                    ce = {"D": d, "BLOCK_M": bm, "BLOCK_N": bn, **bflags}
+                    sig = {**bwd, "gq_ptr": "*fp32", "Tq": "i32", "Tk": "i32", "Hq": "i32", "Hkv": "i32",
+                           "GROUP": "i32", "sm_scale": "fp32"}
+                    out.append(Config("dit_attention", "dit_attention_bwd_dq_kernel", label, _sig(sig, ce), ce, warps,
+                                      bdiv + ["gq_ptr"]))
+                    bm, bn, warps = da.attention_blocks("dkdv", t, t, d, tdt)
+                    ce = {"D": d, "BLOCK_M": bm, "BLOCK_N": bn, "ROPE_K": not cross, **bflags}
+                    sig = {**bwd, "gk_ptr": "*fp32" if not cross else p, "dv_ptr": p, "Tq": "i32", "Tk": "i32",
+                           "Hq": "i32", "Hkv": "i32", "GROUP": "i32"}
+                    out.append(Config("dit_attention", "dit_attention_bwd_dkdv_kernel", label, _sig(sig, ce), ce,
+                                      warps, bdiv + ["gk_ptr", "dv_ptr"]))
+            n = DIT_ATTN_HEADS * d
+            bm, bn = rn.row_blocks(n)
+            ce = {"BLOCK_M": bm, "BLOCK_N": bn}
+            out.append(Config("dit_attention", "dit_attention_stats_kernel", f"{dt} N={n}", _sig(
+                {"x_ptr": p, "stat_ptr": "*fp32", "rows": "i32", "N": "i32", "eps": "fp32"}, ce), ce,
+                rn.num_warps_for(bm * bn), ["x_ptr", "stat_ptr", "rows", "N"]))
+            out.append(Config("dit_attention", "dit_attention_ln_bwd_kernel", f"{dt} N={n}", _sig(
+                {"gy_ptr": "*fp32", "x_ptr": p, "stat_ptr": "*fp32", "w_ptr": p, "dx_ptr": p, "dw_part_ptr": "*fp32",
+                 "db_part_ptr": "*fp32", "rows": "i32", "N": "i32"}, ce), ce, rn.num_warps_for(bm * bn),
+                ["gy_ptr", "x_ptr", "stat_ptr", "w_ptr", "dx_ptr", "dw_part_ptr", "db_part_ptr", "rows", "N"]))
+            bt = da.pre_block_t(max(DIT_ATTN_T), d)
+            ce = {"D": d, "BLOCK_T": bt, "HAS_GATE": True}
+            out.append(Config("dit_attention", "dit_attention_bwd_pre_kernel", f"{dt} D={d}", _sig(
+                {"dout_ptr": p, "o_ptr": p, "gate_ptr": p, "delta_ptr": "*fp32", "dgate_ptr": "*fp32", "B": "i32",
+                 "Tq": "i32", "Hq": "i32"}, ce), ce, 4, ["dout_ptr", "o_ptr", "gate_ptr", "delta_ptr", "Tq"]))
+            bt = da.prep_block_t(1 << 20, d)
+            ce = {"D": d, "BLOCK_T": bt, "NORM": True, "ROPE": True}
+            out.append(Config("dit_attention", "dit_attention_prep_kernel", f"{dt} D={d}", _sig(
+                {"x_ptr": p, "stat_ptr": "*fp32", "w_ptr": p, "b_ptr": p, "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                 "out_ptr": p, "tokens": "i32", "H": "i32", "scale": "fp32"}, ce), ce, rn.num_warps_for(bt * d),
+                ["x_ptr", "stat_ptr", "w_ptr", "b_ptr", "cos_ptr", "sin_ptr", "out_ptr", "tokens"]))
+    return out
+
+
 def triton_configs() -> list[Config]:
     """Configs built from the launchers' own block/warp choices, so the report sees what runs."""
     from blip3o_fast.kernels import rms_norm as rn
@@ -134,6 +209,66 @@ def triton_configs() -> list[Config]:
         out.append(Config("rms_norm", "sum_partials_kernel", f"fp32 P={parts} N={n}", _sig(
             {"part_ptr": "*fp32", "out_ptr": "*fp32", "P": "i32", "N": "i32"}, ce), ce, rn.num_warps_for(bp * bn),
             ["part_ptr", "out_ptr", "N"]))
+    out += _dit_attention_configs()
+    out += _gated_residual_norm_configs() + _flow_step_configs()
+    return out
+
+
+def _gated_residual_norm_configs() -> list[Config]:
+    """The DiT block epilogue at the DiT (1792) and 7B (3584) widths; the launchers' tiles are the same
+    for the CFG batch's 128 rows and for 8192."""
+    from blip3o_fast.kernels import gated_residual_norm as grn
+    from blip3o_fast.kernels import rms_norm as rn
+
+    out: list[Config] = []
+    for dt in DTYPES:
+        p = f"*{dt}"
+        for n in (DIT_N, LLM_N[-1]):
+            for has_next in (True, False):
+                bm, bn = grn.fwd_blocks(n, ROWS)
+                assert (bm, bn) == grn.fwd_blocks(n, 128)
+                ce = {"HAS_NEXT": has_next, "BLOCK_M": bm, "BLOCK_N": bn}
+                label = f"{dt} N={n} rows=128,{ROWS}{' next' if has_next else ''}"
+                ptrs = ["x_ptr", "y_ptr", "wy_ptr", "gate_ptr", "wn_ptr", "sn_ptr", "xo_ptr", "h_ptr"]
+                sig = {k: p for k in ptrs} | {"ry_ptr": "*fp32", "rx_ptr": "*fp32", "rows": "i32", "T": "i32",
+                                              "N": "i32", "eps": "fp32"}
+                out.append(Config("gated_residual_norm", "gated_residual_norm_fwd_kernel", label, _sig(sig, ce), ce,
+                                  rn.num_warps_for(bm * bn), ptrs + ["ry_ptr", "rx_ptr", "rows", "T", "N"]))
+                ptrs = ["dxo_ptr", "dh_ptr", "x_ptr", "y_ptr", "wy_ptr", "gate_ptr", "wn_ptr", "sn_ptr", "dx_ptr",
+                        "dy_ptr"]
+                parts = ["dwy_part_ptr", "dg_part_ptr", "dwn_part_ptr", "dsn_part_ptr"]
+                sig = ({k: p for k in ptrs} | {"ry_ptr": "*fp32", "rx_ptr": "*fp32"} | {k: "*fp32" for k in parts}
+                       | {"T": "i32", "N": "i32"})
+                out.append(Config("gated_residual_norm", "gated_residual_norm_bwd_kernel", label, _sig(sig, ce), ce,
+                                  rn.num_warps_for(bm * bn), ptrs + ["ry_ptr", "rx_ptr"] + parts + ["T", "N"]))
+    return out
+
+
+def _flow_step_configs() -> list[Config]:
+    """The sampler update over B = 1..16 requests of 64 x 1792 latents (the block does not depend on B):
+    fp32 latents with bf16 / fp32 velocities in each solver form, and the exact step in bf16 / fp32."""
+    from blip3o_fast.kernels import flow_step as fs
+    from blip3o_fast.kernels import rms_norm as rn
+
+    block = fs.flow_block(64 * DIT_N)
+    warps = rn.num_warps_for(block)
+    label = f"B=1..16 N={64 * DIT_N}"
+    out: list[Config] = []
+    forms = {"euler": (False, False), "heun-p": (False, True), "heun-c": (True, False), "multistep": (True, True)}
+    for xd, vd in (("fp32", "bf16"), ("fp32", "fp32"), ("bf16", "bf16")):
+        for name, (prev, save) in forms.items():
+            if xd == "bf16" and name != "euler":
+                continue
+            ce = {"GUIDED": True, "HAS_PREV": prev, "HAS_SAVE": save, "BLOCK": block}
+            sig = {"x_ptr": f"*{xd}", "v_ptr": f"*{vd}", "out_ptr": f"*{xd}", "vp_ptr": "*fp32", "vs_ptr": "*fp32",
+                   "total": "i32", "dt": "fp32", "g": "fp32", "c_prev": "fp32"}
+            out.append(Config("flow_step", "flow_step_kernel", f"x{xd} v{vd} {name} {label}", _sig(sig, ce), ce, warps,
+                              ["x_ptr", "v_ptr", "out_ptr", "vp_ptr", "vs_ptr", "total"]))
+    for dt in DTYPES:
+        ce = {"GUIDED": True, "BLOCK": block}
+        sig = {"x_ptr": f"*{dt}", "v_ptr": f"*{dt}", "out_ptr": f"*{dt}", "total": "i32", "dt": "fp32", "g": "fp32"}
+        out.append(Config("flow_step", "flow_step_exact_kernel", f"{dt} exact {label}", _sig(sig, ce), ce, warps,
+                          ["x_ptr", "v_ptr", "out_ptr", "total"]))
     return out
 
 

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "blip3o/common.h"
+#include "blip3o/dit_attention.h"
 
 namespace blip3o::cuda {
 
@@ -26,5 +27,28 @@ const char* rms_norm_modulate_fwd(const void* x, const void* weight, const void*
 const char* rms_norm_modulate_bwd(const void* dy, const void* x, const void* weight, const void* scale,
                                   const float* rstd, void* dx, float* dweight, float* dscale, int64_t batch,
                                   int64_t t, int64_t n, DType dt, int device, void* stream);
+
+// Fused DiT attention: pointers and dims per python/blip3o_fast/ops/dit_attention.py.
+const char* dit_attention_fwd(const dit_attention::FwdArgs& args, const dit_attention::Dims& dims, DType dt,
+                              int device, void* stream);
+const char* dit_attention_bwd(const dit_attention::BwdArgs& args, const dit_attention::Dims& dims, DType dt,
+                              int device, void* stream);
+
+// Fused DiT block epilogue, as csrc/cpu/kernels.h.
+const char* gated_residual_norm_fwd(const void* x, const void* y, const void* y_weight, const void* gate,
+                                    const void* next_weight, const void* next_scale, void* x_out, void* h,
+                                    float* rstd_y, float* rstd_x, int64_t batch, int64_t t, int64_t n, float eps,
+                                    DType dt, int device, void* stream);
+const char* gated_residual_norm_bwd(const void* dxo, const void* dh, const void* x, const void* y,
+                                    const void* y_weight, const void* gate, const void* next_weight,
+                                    const void* next_scale, const float* rstd_y, const float* rstd_x, void* dx,
+                                    void* dy, float* dy_weight, float* dgate, float* dnext_weight,
+                                    float* dnext_scale, int64_t batch, int64_t t, int64_t n, DType dt, int device,
+                                    void* stream);
+
+// Flow-matching sampler update, as csrc/cpu/kernels.h.
+const char* flow_step(const void* x, const void* v, void* out, const float* v_prev, float* v_save, int64_t batch,
+                      int64_t n, bool guided, float dt, float guidance, float c_prev, bool exact, DType x_dt,
+                      DType v_dt, int device, void* stream);
 
 }  // namespace blip3o::cuda

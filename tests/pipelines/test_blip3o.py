@@ -338,3 +338,12 @@ def test_plain_transformers_qwen2_5_vl_loads_with_images(tmp_path):
     assert isinstance(answer[0], str)
     with pytest.raises(ValueError, match="no DiT"):
         model.generate_image(["a red circle"])
+
+
+def test_solver_is_selectable_from_the_public_api(qwen):
+    euler = qwen.generate_image_features(["a red circle"], num_steps=STEPS)
+    for solver in ("heun", "multistep"):
+        other = qwen.generate_image_features(["a red circle"], num_steps=STEPS, solver=solver)
+        assert other.shape == euler.shape and not torch.equal(other, euler)
+    with pytest.raises(ValueError, match="solver"):
+        qwen.generate_image_features(["a red circle"], num_steps=STEPS, solver="rk45")

@@ -21,7 +21,8 @@ from blip3o_fast.checkpoint.config_io import config_from_raw, config_to_raw
 from blip3o_fast.checkpoint.safetensors_io import CheckpointError, read_weights, write_weights
 from blip3o_fast.checkpoint.state_dict import load_strict, normalize_keys
 from blip3o_fast.engine.flow_sampler import sample_features
-from blip3o_fast.engine.text_generation import expand_image_tokens, generate_tokens
+from blip3o_fast.engine.engine import engine_for_prompts
+from blip3o_fast.engine.text_generation import expand_image_tokens
 from blip3o_fast.models.causal_lm import CausalLM
 from blip3o_fast.models.config import BLIP3oConfig
 from blip3o_fast.models.dit import NextDiT
@@ -308,6 +309,7 @@ class BLIP3o:
         seeds: list[int],
         noise: torch.Tensor | None,
         reference_exact: bool,
+        solver: str = "euler",
     ) -> torch.Tensor:
         dit = self._require_dit()
         if noise is not None:
@@ -326,6 +328,7 @@ class BLIP3o:
             noise=noise,
             seeds=seeds,
             reference_exact=reference_exact,
+            solver=solver,
         )
 
     def _generation_ids(self, caption: str, num_images: int = 0) -> list[int]:
@@ -372,15 +375,19 @@ class BLIP3o:
         seed: int | Sequence[int] | None = 0,
         noise: torch.Tensor | None = None,
         reference_exact: bool = False,
+        solver: str = "euler",
     ) -> torch.Tensor:
-        """CLIP features (B, 64, D) for captions: one backbone prefill, then the flow-matching sampler."""
+        """CLIP features (B, 64, D) for captions: one backbone prefill, then the flow-matching sampler.
+        solver: euler (reference_exact reproduces the release) | heun | multistep (Adams-Bashforth in
+        sigma, for few steps)."""
         prompts = _check_prompts("prompts", prompts)
         for p in prompts:
             if not isinstance(p, str):
                 raise TypeError(f"prompts must be strings, got {type(p).__name__}")
         ids = [self._generation_ids(p) for p in prompts]
         return self._features(
-            ids, [[] for _ in prompts], num_steps, guidance_scale, _seeds(seed, len(prompts)), noise, reference_exact
+            ids, [[] for _ in prompts], num_steps, guidance_scale, _seeds(seed, len(prompts)), noise, reference_exact,
+            solver,
         )
 
     def generate_image(
@@ -389,9 +396,10 @@ class BLIP3o:
         num_steps: int = 30,
         guidance_scale: float = 3.0,
         seed: int | Sequence[int] | None = 0,
+        solver: str = "euler",
     ) -> list[Image.Image]:
         seeds = _seeds(seed, len(_check_prompts("prompts", prompts)))
-        features = self.generate_image_features(prompts, num_steps, guidance_scale, seeds)
+        features = self.generate_image_features(prompts, num_steps, guidance_scale, seeds, solver=solver)
         return self.decode_features(features, num_steps, guidance_scale, seeds)
 
     def edit_image(
@@ -447,27 +455,12 @@ class BLIP3o:
         if temperature > 0:
             top_p = top_p if top_p is not None else self.generation_config.get("top_p")
             top_k = top_k if top_k is not None else self.generation_config.get("top_k")
-        out_ids = generate_tokens(
-            self.network,
-            ids,
-            per_prompt if any(per_prompt) else None,
-            processor=self.image_processor,
-            image_token_id=self.token_ids.image_pad,
-            vision_start_token_id=self.token_ids.vision_start,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seeds=[None] * len(ids) if seed is None else _seeds(seed, len(ids)),
-            eos_token_ids=list(self.token_ids.eos),
-            pad_token_id=self.token_ids.pad,
-        )
-        texts = [self.tokenizer.decode(o, skip_special_tokens=True) for o in out_ids]
-        return [_cut_at_stop(t, stop) for t in texts]
+        engine = engine_for_prompts(self, ids, per_prompt, max_new_tokens)
+        seeds = [None] * len(ids) if seed is None else _seeds(seed, len(ids))
+        outputs = engine.generate([
+            dict(prompt=p, images=imgs, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, seed=s, stop=stop)
+            for p, imgs, s in zip(ids, per_prompt, seeds)
+        ])
+        return [o.text for o in outputs]
 
-
-def _cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
-    if not stop:
-        return text
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
-    return text[:cut]

@@ -4,8 +4,16 @@ Parameter names equal the published checkpoint's keys below `model.dit.model.` (
 LuminaNextDiT2DModel's, whose upstream `pad_token` BLIP3-o removed), so weights load by name.
 
 The context is fixed for a whole sampling run, so everything derived from it alone (projected
-caption, pooled caption embedding, every layer's cross-attention K/V) is built once by
-`precompute_condition`; `forward_with_condition` then runs one denoising step.
+caption, pooled caption embedding, every layer's cross-attention K/V with norm_k applied) is built
+once by `precompute_condition`, and `modulations` builds the adaLN terms of a whole schedule;
+`forward_with_condition` then runs one denoising step.
+
+A block is two GEMM groups around fused ops: ops.dit_attention does LayerNorm-across-heads, 2-D
+RoPE, attention (GQA without expanding K/V) and, for cross-attention, the tanh gate plus the self
+output as residual; ops.gated_residual_norm does each epilogue x += gate * RMSNorm(y) * w together
+with the adaLN norm that reads the new x (ffn_norm1 with scale_mlp after attention; the next
+layer's norm1 with its scale_msa after the FFN), so every RMSNorm of the residual stream but the
+first is fused into the op before it. All of it has a backward: `forward` is the training path.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip3o_fast.models.config import DiTConfig
-from blip3o_fast.ops import apply_rope, lumina_2d_cos_sin, rms_norm, rms_norm_modulate, swiglu
+from blip3o_fast.ops import dit_attention, gated_residual_norm, lumina_2d_cos_sin, rms_norm, rms_norm_modulate, swiglu
 
 TIME_FREQ_DIM = 256  # sinusoidal timestep features, as Lumina-Next's Timesteps(256)
 
@@ -117,12 +125,6 @@ class FinalNorm(nn.Module):
         return self.linear_2(x)
 
 
-def _expand_kv_heads(t: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, T, Hkv, D) -> (B, Hkv*n_rep, T, D): query head h reads kv head h // n_rep."""
-    t = t.transpose(1, 2)
-    return t if n_rep == 1 else t.repeat_interleave(n_rep, dim=1)
-
-
 class NextDiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -138,49 +140,55 @@ class NextDiTBlock(nn.Module):
         self.ffn_norm2 = RMSNorm(dim, cfg.norm_eps)
         self.norm1_context = RMSNorm(dim, cfg.norm_eps)
 
-    def cross_kv(self, caption: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention K (after norm_k, no RoPE) and V as (B, heads, L, head_dim)."""
+    def cross_kv(self, caption: torch.Tensor, normalize_k: bool) -> torch.Tensor:
+        """Cross-attention K (no RoPE; after norm_k when normalize_k) and V: (2, B, L, kv_heads, head_dim)."""
         b, n, _ = caption.shape
         c = self.norm1_context(caption)
-        k = self.attn2.norm_k(self.attn2.to_k(c)).view(b, n, self.kv_heads, self.head_dim)
-        v = self.attn2.to_v(c).view(b, n, self.kv_heads, self.head_dim)
-        n_rep = self.heads // self.kv_heads
-        return _expand_kv_heads(k, n_rep).contiguous(), _expand_kv_heads(v, n_rep).contiguous()
+        k = self.attn2.to_k(c)
+        if normalize_k:
+            k = self.attn2.norm_k(k)
+        return torch.stack([k, self.attn2.to_v(c)]).view(2, b, n, self.kv_heads, self.head_dim)
 
     def forward(
         self,
         x: torch.Tensor,
-        mod: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        h: torch.Tensor,
+        mod: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cross_k: torch.Tensor,
-        cross_v: torch.Tensor,
-        cross_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """mod: this layer's (scale_msa, tanh(gate_msa), scale_mlp, tanh(gate_mlp)), each (B, dim)."""
+        cross_kv: torch.Tensor,
+        cond: DiTCondition,
+        next_norm: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: the residual stream (B, T, dim); h = RMSNorm(x) * norm1.weight * (1 + scale_msa), which
+        the previous layer's epilogue (or the model, for the first layer) already computed.
+        mod: this layer's (scale_msa, tanh(gate_msa), scale_mlp, tanh(gate_mlp)) as (4, B, dim).
+        next_norm: the next layer's (norm1 weight, scale_msa), so this layer's last epilogue also
+        builds the next layer's h; None for the last layer. Returns (x, next h or None)."""
         b, t, _ = x.shape
-        h, d, n_rep = self.heads, self.head_dim, self.heads // self.kv_heads
-        scale_msa, gate_msa, scale_mlp, gate_mlp = mod
-        hs = rms_norm_modulate(x, self.norm1.norm.weight, scale_msa, self.eps)
+        hq, hkv, d = self.heads, self.kv_heads, self.head_dim
+        _, gate_msa, scale_mlp, gate_mlp = mod.unbind(0)
 
         a1 = self.attn1
-        q = apply_rope(a1.norm_q(a1.to_q(hs)).view(b, t, h, d), cos, sin, interleaved=True)
-        k = apply_rope(a1.norm_k(a1.to_k(hs)).view(b, t, self.kv_heads, d), cos, sin, interleaved=True)
-        v = a1.to_v(hs).view(b, t, self.kv_heads, d)
-        # The self-attention mask is all ones: leaving it out keeps SDPA's fused backends usable.
-        self_out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), _expand_kv_heads(k, n_rep), _expand_kv_heads(v, n_rep)
+        self_out = dit_attention(
+            a1.to_q(h).view(b, t, hq, d), a1.to_k(h).view(b, t, hkv, d), a1.to_v(h).view(b, t, hkv, d),
+            a1.norm_q.weight, a1.norm_q.bias, a1.norm_k.weight, a1.norm_k.bias, cos, sin, rope_k=True,
         )
-
+        # Cross-attention: keys of the context get no RoPE; the self output rides in as the residual,
+        # so the op returns self_out + tanh(gate) * cross_out. Hoisted keys are already normalised.
         a2 = self.attn2
-        q2 = apply_rope(a2.norm_q(a2.to_q(hs)).view(b, t, h, d), cos, sin, interleaved=True)
-        cross_out = F.scaled_dot_product_attention(q2.transpose(1, 2), cross_k, cross_v, attn_mask=cross_mask)
-
-        mixed = self_out + cross_out * self.gate.tanh().view(1, h, 1, 1)
-        out = a2.to_out[0](mixed.transpose(1, 2).reshape(b, t, h * d))
-        x = x + gate_msa[:, None, :] * self.norm2(out)
-        ff = self.feed_forward(rms_norm_modulate(x, self.ffn_norm1.weight, scale_mlp, self.eps))
-        return x + gate_mlp[:, None, :] * self.ffn_norm2(ff)
+        k_weight, k_bias = (None, None) if cond.k_normed else (a2.norm_k.weight, a2.norm_k.bias)
+        ck, cv = cross_kv.unbind(0)
+        mixed = dit_attention(
+            a2.to_q(h).view(b, t, hq, d), ck, cv, a2.norm_q.weight, a2.norm_q.bias, k_weight, k_bias, cos, sin,
+            key_mask=cond.key_mask, gate=self.gate, residual=self_out, rope_k=False,
+        )
+        out = a2.to_out[0](mixed.reshape(b, t, hq * d))
+        x, h = gated_residual_norm(x, out, self.norm2.weight, gate_msa, self.ffn_norm1.weight, scale_mlp, self.eps)
+        ff = self.feed_forward(h)
+        if next_norm is None:
+            return gated_residual_norm(x, ff, self.ffn_norm2.weight, gate_mlp, eps=self.eps), None
+        return gated_residual_norm(x, ff, self.ffn_norm2.weight, gate_mlp, *next_norm, self.eps)
 
 
 @dataclass
@@ -189,8 +197,9 @@ class DiTCondition:
 
     caption: torch.Tensor  # (B, L, hidden): the context after caption_projection
     caption_emb: torch.Tensor  # (B, temb_dim): embedding of the (masked) mean caption token
-    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer K, V: (B, heads, L, head_dim)
-    cross_mask: torch.Tensor | None  # (B, 1, 1, L) bool, None when every context token is valid
+    cross_kv: torch.Tensor  # (layers, 2, B, L, kv_heads, head_dim): every layer's cross-attention K, V
+    key_mask: torch.Tensor | None  # (B, L) bool, None when every context token is valid
+    k_normed: bool  # K already went through norm_k (hoisted), else the attention op applies it
 
     @property
     def batch_size(self) -> int:
@@ -199,11 +208,26 @@ class DiTCondition:
 
 @dataclass
 class DiTModulation:
-    """The adaLN terms of one timestep: they depend only on it and the condition, so a sampler
-    computes those of its whole schedule at once (one GEMM per layer instead of one per step)."""
+    """The adaLN terms of one timestep per sample."""
 
-    layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # see NextDiTBlock.forward
+    layers: torch.Tensor  # (layers, 4, B, dim): scale_msa, tanh(gate_msa), scale_mlp, tanh(gate_mlp)
     final_scale: torch.Tensor  # (B, dim)
+
+
+@dataclass
+class DiTSchedule:
+    """The adaLN terms of S timesteps, stacked. They depend only on the timestep and the condition,
+    so a sampler computes those of its whole schedule at once (one GEMM per layer, not one per
+    step); indexing gives one step's terms as views, at fixed addresses."""
+
+    layers: torch.Tensor  # (S, layers, 4, B, dim)
+    final_scale: torch.Tensor  # (S, B, dim)
+
+    def __len__(self) -> int:
+        return self.layers.shape[0]
+
+    def __getitem__(self, i: int) -> DiTModulation:
+        return DiTModulation(self.layers[i], self.final_scale[i])
 
 
 def timestep_features(timestep: torch.Tensor, dim: int = TIME_FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
@@ -233,18 +257,24 @@ class NextDiT(nn.Module):
         self.time_caption_embed = TimeCaptionEmbed(dim, temb_dim)
         self.layers = nn.ModuleList([NextDiTBlock(cfg) for _ in range(cfg.num_layers)])
         self.norm_out = FinalNorm(dim, temb_dim, p * p * cfg.in_channels)
-        # (h_tokens, w_tokens, device) -> (cos, sin); derived data, kept out of the state dict.
+        # (h_tokens, w_tokens, batch, device) -> (cos, sin); derived data, kept out of the state dict.
         self._rope_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def rope_tables(self, h_tokens: int, w_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (h_tokens, w_tokens, torch.device(device))
+    def rope_tables(self, h_tokens: int, w_tokens: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (batch, h*w, head_dim/2) fp32, built once per grid, batch and device (the
+        attention kernels read one row per sample, so the batch copy is made here, not per layer)."""
+        key = (h_tokens, w_tokens, batch, torch.device(device))
         if key not in self._rope_cache:
             cos, sin = lumina_2d_cos_sin(h_tokens, w_tokens, self.cfg.head_dim, self.cfg.rope_theta)
-            self._rope_cache[key] = (cos.to(device), sin.to(device))
+            self._rope_cache[key] = tuple(t.expand(batch, -1, -1).contiguous().to(device) for t in (cos, sin))
         return self._rope_cache[key]
 
-    def precompute_condition(self, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> DiTCondition:
-        """context (B, L, caption_dim), context_mask (B, L) (nonzero = valid) or None (all valid)."""
+    def precompute_condition(
+        self, context: torch.Tensor, context_mask: torch.Tensor | None = None, *, hoist_k_norm: bool = True
+    ) -> DiTCondition:
+        """context (B, L, caption_dim), context_mask (B, L) (nonzero = valid) or None (all valid).
+        hoist_k_norm applies each layer's cross-attention norm_k here, once, instead of inside the
+        attention op at every step; training leaves it to the op (whose backward covers it)."""
         if context.dim() != 3 or context.shape[-1] != self.cfg.caption_dim:
             raise ValueError(f"DiT context must be (B, L, {self.cfg.caption_dim}), got {tuple(context.shape)}")
         if context_mask is not None and tuple(context_mask.shape) != tuple(context.shape[:2]):
@@ -254,26 +284,27 @@ class NextDiT(nn.Module):
         caption = self.caption_projection(context)
         if context_mask is None:
             pooled = caption.float().mean(1)
-            cross_mask = None
+            key_mask = None
         else:
             m = context_mask.float()[..., None]
             pooled = (caption.float() * m).sum(1) / m.sum(1)
-            cross_mask = context_mask.bool()[:, None, None, :]
+            key_mask = context_mask.bool()
         caption_emb = self.time_caption_embed.caption_embedder(pooled.to(caption.dtype))
-        return DiTCondition(caption, caption_emb, [layer.cross_kv(caption) for layer in self.layers], cross_mask)
+        cross_kv = torch.stack([layer.cross_kv(caption, hoist_k_norm) for layer in self.layers])
+        return DiTCondition(caption, caption_emb, cross_kv, key_mask, hoist_k_norm)
 
-    def modulations(self, timesteps: torch.Tensor, cond: DiTCondition) -> list[DiTModulation]:
-        """adaLN terms for S timesteps at once: timesteps (S,) or (S, B) -> S DiTModulation."""
+    def modulations(self, timesteps: torch.Tensor, cond: DiTCondition) -> DiTSchedule:
+        """adaLN terms for S timesteps at once: timesteps (S,) or (S, B)."""
         s, b = timesteps.shape[0], cond.batch_size
         t = timesteps.to(cond.caption.device).reshape(s, -1).expand(s, b).reshape(s * b)
         temb = self.time_caption_embed.timestep_embedder(timestep_features(t).to(cond.caption.dtype))
         silu = F.silu(temb + cond.caption_emb.repeat(s, 1))
         per_layer = []
         for layer in self.layers:
-            sm, gm, sf, gf = layer.norm1.linear(silu).view(s, b, -1).chunk(4, dim=-1)
-            per_layer.append((sm.contiguous(), gm.tanh(), sf.contiguous(), gf.tanh()))
+            sm, gm, sf, gf = layer.norm1.linear(silu).view(s, b, 4, -1).unbind(2)
+            per_layer.append(torch.stack([sm, gm.tanh(), sf, gf.tanh()], dim=1))  # (S, 4, B, dim)
         final = self.norm_out.linear_1(silu).view(s, b, -1)
-        return [DiTModulation([tuple(m[i] for m in mods) for mods in per_layer], final[i]) for i in range(s)]
+        return DiTSchedule(torch.stack(per_layer, dim=1), final)
 
     def forward_with_condition(
         self,
@@ -283,7 +314,7 @@ class NextDiT(nn.Module):
         modulation: DiTModulation | None = None,
     ) -> torch.Tensor:
         """x (B, in_channels, h, w), timestep (B,) or scalar (t = sigma*1000, 1000 = noise) ->
-        (B, in_channels, h, w). `modulation`, from `modulations`, replaces computing it from timestep."""
+        (B, in_channels, h, w). `modulation`, one step of `modulations`, replaces computing it from timestep."""
         cfg, p = self.cfg, self.cfg.patch_size
         if x.dim() != 4 or x.shape[1] != cfg.in_channels or x.shape[2] % p or x.shape[3] % p:
             raise ValueError(
@@ -292,19 +323,24 @@ class NextDiT(nn.Module):
         b, c, hgt, wid = x.shape
         if cond.batch_size != b:
             raise ValueError(f"DiT condition has batch {cond.batch_size} but the input has batch {b}")
-        timestep = torch.as_tensor(timestep, device=x.device)
-        timestep = timestep.reshape(-1).expand(b) if timestep.numel() == 1 else timestep
-        if tuple(timestep.shape) != (b,):
-            raise ValueError(f"DiT timestep must be a scalar or ({b},), got {tuple(timestep.shape)}")
         ht, wt = hgt // p, wid // p
+        if modulation is None:
+            timestep = torch.as_tensor(timestep, device=x.device)
+            timestep = timestep.reshape(-1).expand(b) if timestep.numel() == 1 else timestep
+            if tuple(timestep.shape) != (b,):
+                raise ValueError(f"DiT timestep must be a scalar or ({b},), got {tuple(timestep.shape)}")
+            modulation = self.modulations(timestep[None], cond)[0]
 
         tokens = x.view(b, c, ht, p, wt, p).permute(0, 2, 4, 1, 3, 5).reshape(b, ht * wt, c * p * p)
         hs = self.patch_embedder.proj(tokens)
-        mod = modulation if modulation is not None else self.modulations(timestep[None], cond)[0]
-        cos, sin = self.rope_tables(ht, wt, x.device)
-        for layer, layer_mod, (k, v) in zip(self.layers, mod.layers, cond.cross_kv):
-            hs = layer(hs, layer_mod, cos, sin, k, v, cond.cross_mask)
-        out = self.norm_out(hs, mod.final_scale)
+        cos, sin = self.rope_tables(ht, wt, b, x.device)
+        mods, n = modulation.layers, len(self.layers)
+        # Each layer's epilogue also norms and modulates the next layer's input (see NextDiTBlock).
+        h = rms_norm_modulate(hs, self.layers[0].norm1.norm.weight, mods[0, 0], cfg.norm_eps)
+        for i, layer in enumerate(self.layers):
+            nxt = (self.layers[i + 1].norm1.norm.weight, mods[i + 1, 0]) if i + 1 < n else None
+            hs, h = layer(hs, h, mods[i], cos, sin, cond.cross_kv[i], cond, nxt)
+        out = self.norm_out(hs, modulation.final_scale)
         # Each output token holds a (p, p, C) patch.
         return out.view(b, ht, wt, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, hgt, wid)
 
@@ -315,4 +351,6 @@ class NextDiT(nn.Module):
         context: torch.Tensor,
         context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.forward_with_condition(x, timestep, self.precompute_condition(context, context_mask))
+        """The training / one-off call: the cross-attention norm_k runs inside the attention op."""
+        cond = self.precompute_condition(context, context_mask, hoist_k_norm=False)
+        return self.forward_with_condition(x, timestep, cond)

@@ -32,11 +32,16 @@ CUDA_PREFERRED: frozenset[str] = frozenset()
 TRITON_MODULES = {
     "rms_norm_fwd": "rms_norm",
     "rms_norm_bwd": "rms_norm",
+    "dit_attention_fwd": "dit_attention",
+    "dit_attention_bwd": "dit_attention",
     "rope_apply": "rope",
     "swiglu_fwd": "swiglu",
     "swiglu_bwd": "swiglu",
     "rms_norm_modulate_fwd": "rms_norm_modulate",
     "rms_norm_modulate_bwd": "rms_norm_modulate",
+    "gated_residual_norm_fwd": "gated_residual_norm",
+    "gated_residual_norm_bwd": "gated_residual_norm",
+    "flow_step": "flow_step",
 }
 
 

@@ -1,5 +1,8 @@
-"""Batched, KV-cached token generation for the backbone (LLaMA 3 or Qwen2.5-VL, images included).
+"""Sampling helpers shared with the Engine, and the simple generation path it is checked beside.
 
+`generate_tokens` is the plain reference decoder: a contiguous KV cache, one left-padded batch, no
+scheduling. The model tests use it to hold our backbone to transformers' generate independently of
+the paged Engine (engine/engine.py), which is what BLIP3o.generate_text and servers use.
 Ragged prompts are left-padded into one batch; one prefill fills the cache, then each decode step
 feeds one token per sequence. Positions skip the padding (1-D for LLaMA, 3-D M-RoPE for Qwen), so a
 sequence gets the same tokens whatever else is in the batch; sampling draws from one

@@ -82,7 +82,7 @@ def cmd_demo(args) -> None:
     paths = _save(images, args.out)
     watch.lap(f"CLIP features -> pixels: diffusion decoder + VAE, wrote {', '.join(paths)}")
     answer = model.generate_text([args.question], images=[[images[0]]], max_new_tokens=args.max_new_tokens)[0]
-    watch.lap("image -> text: vision tower + KV-cached greedy decoding")
+    watch.lap("image -> text: vision tower + paged-KV engine, greedy decoding")
     print(f"prompt:   {args.prompt!r}\nimage:    {paths[0]} ({images[0].size[0]}x{images[0].size[1]})")
     print(f"question: {args.question!r}\nanswer:   {answer!r}")
     print("(random weights: the image is noise and the answer is gibberish; the stages and their times are real)")

@@ -5,7 +5,6 @@ tiny cache, budget errors, abort, stop strings, streaming, and the block allocat
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from blip3o_fast.engine.engine import Engine, _TextStream
 from blip3o_fast.engine.paged_kv_cache import (
@@ -17,18 +16,15 @@ from blip3o_fast.engine.paged_kv_cache import (
 )
 from blip3o_fast.engine.text_generation import expand_image_tokens
 from blip3o_fast.models.causal_lm import CausalLM
-from blip3o_fast.models.config import BLIP3oConfig
-from blip3o_fast.models.image_processing import QwenImageProcessor
 from blip3o_fast.tiny import tiny_model
 from blip3o_fast.tokenizer import TokenIds
+from twin_models import EOS, IMAGES, IMG, PAD, PROC, VE, VS, llama_twins, qwen_twins, randomize
 
 transformers = pytest.importorskip("transformers")
 
-PAD, EOS, IMG, VS, VE, VID = 0, 7, 500, 501, 502, 503
 IDS = TokenIds(img=None, query=None, image_pad=IMG, vision_start=VS, vision_end=VE, pad=PAD, eos=(EOS,))
 PROMPTS = [[5, 17, 200, 33, 9], [44, 3, 19, 301, 8, 250, 61, 90, 12, 77, 3], [402, 11], list(range(20, 57))]
 NEW = 24
-PROC = QwenImageProcessor()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,77 +36,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights large enough that attention and RoPE matter (the default init makes them near uniform)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if ("norm" in name or "ln_q" in name) else 0.15 * noise)
-
-
 @pytest.fixture(scope="module")
 def llama():
-    cfg = BLIP3oConfig.tiny("llama3", with_decoder=False).text
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={**cfg.rope_scaling, "rope_theta": cfg.rope_theta},
-        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
-        attention_bias=False, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD,
-    )
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    randomize(hf, 0)
-    ours = CausalLM(cfg).eval()
-    ours.load_state_dict(hf.state_dict(), strict=True)
-    return hf, ours
+    return llama_twins()
 
 
 @pytest.fixture(scope="module")
 def qwen():
-    c = BLIP3oConfig.tiny("qwen2_5_vl", with_decoder=False)
-    t, v = c.text, c.vision
-    hf_cfg = transformers.Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-            num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps,
-            rope_parameters=dict(rope_type="default", rope_theta=t.rope_theta, mrope_section=t.mrope_section),
-            max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=t.tie_word_embeddings,
-            bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD,
-        ),
-        vision_config=dict(
-            depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_heads=v.num_heads,
-            patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
-            window_size=v.window_size, fullatt_block_indexes=v.fullatt_block_indexes, out_hidden_size=v.out_hidden_size,
-            in_channels=v.in_channels,
-        ),
-        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE,
-        tie_word_embeddings=t.tie_word_embeddings,
-    )
-    torch.manual_seed(0)
-    hf = transformers.Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
-    randomize(hf, 0)
-    ours = CausalLM(t, v).eval()
-    renames = (("model.language_model.", "model."), ("model.visual.", "visual."))
-    state = {}
-    for key, x in hf.state_dict().items():
-        for old, new in renames:
-            if key.startswith(old):
-                key = new + key[len(old):]
-        state[key] = x
-    ours.load_state_dict(state, strict=True)
-    return hf, ours
-
-
-def noise_image(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-IMAGES = [noise_image(168, 112, 1), noise_image(224, 280, 2)]
+    return qwen_twins()
 
 
 def image_prompt(n_images: int) -> list[int]:

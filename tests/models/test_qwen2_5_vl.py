@@ -1,82 +1,22 @@
 """Our Qwen2.5-VL backbone (text decoder with 3-D M-RoPE, vision tower, generation) vs transformers'
 Qwen2_5_VLForConditionalGeneration on tiny random weights, with and without images."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from blip3o_fast.engine.text_generation import expand_image_tokens, generate_tokens
-from blip3o_fast.models.causal_lm import CausalLM
-from blip3o_fast.models.config import BLIP3oConfig
-from blip3o_fast.models.image_processing import QwenImageProcessor
 from blip3o_fast.models.mrope import decode_positions, rope_index
+from blip3o_fast.checkpoint.state_dict import normalize_keys
+from twin_models import EOS, IMAGES, IMG, PAD, PROC, VE, VS, qwen_twins, rel_err
 
 transformers = pytest.importorskip("transformers")
 
-# Special ids for the tiny vocabulary: passed around as arguments, as real ones would be.
-PAD, EOS, IMG, VS, VE, VID = 0, 7, 500, 501, 502, 503
 TEXT_PROMPTS = [[5, 17, 200, 33, 9], [44, 3, 19, 301, 8, 250, 61, 90, 12, 77, 3]]
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a - ref).abs().max() / ref.abs().max()).item()
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if ("norm" in name or "ln_q" in name) else 0.15 * noise)
-
-
-def to_ours(key: str) -> str:
-    """transformers 5 names -> the 4.51 checkpoint layout our modules use."""
-    for old, new in (("model.language_model.", "model."), ("model.visual.", "visual.")):
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
 
 
 @pytest.fixture(scope="module")
 def models():
-    c = BLIP3oConfig.tiny("qwen2_5_vl", with_decoder=False)
-    t, v = c.text, c.vision
-    hf_cfg = transformers.Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-            num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps,
-            rope_parameters=dict(rope_type="default", rope_theta=t.rope_theta, mrope_section=t.mrope_section),
-            max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=t.tie_word_embeddings,
-            bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD,
-        ),
-        vision_config=dict(
-            depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_heads=v.num_heads,
-            patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
-            window_size=v.window_size, fullatt_block_indexes=v.fullatt_block_indexes, out_hidden_size=v.out_hidden_size,
-            in_channels=v.in_channels,
-        ),
-        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE,
-        tie_word_embeddings=t.tie_word_embeddings,
-    )
-    torch.manual_seed(0)
-    hf = transformers.Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
-    randomize(hf, 0)
-    ours = CausalLM(t, v).eval()
-    ours.load_state_dict({to_ours(k): x for k, x in hf.state_dict().items()}, strict=True)
-    return hf, ours
-
-
-def noise_image(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-# Different sizes: 8x12 patches (one window) and 20x16 patches (edge windows of several sizes).
-IMAGES = [noise_image(168, 112, 1), noise_image(224, 280, 2)]
-PROC = QwenImageProcessor()
+    return qwen_twins()
 
 
 def image_prompt(n_images: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
@@ -91,7 +31,7 @@ def image_prompt(n_images: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
 
 def test_state_dict_names_are_the_4_51_layout(models):
     hf, ours = models
-    assert set(ours.state_dict()) == {to_ours(k) for k in hf.state_dict()}
+    assert set(ours.state_dict()) == set(normalize_keys(hf.state_dict()))
     assert "visual.patch_embed.proj.weight" in ours.state_dict()
     assert ours.visual.patch_embed.proj.weight.shape == (32, 3, 2, 14, 14)
 

@@ -8,50 +8,14 @@ from blip3o_fast.engine.text_generation import filter_logits, generate_tokens
 from blip3o_fast.models.causal_lm import CausalLM
 from blip3o_fast.models.config import BLIP3oConfig
 from blip3o_fast.models.text_decoder import KVCache, text_inv_freq
+from twin_models import EOS, PAD, llama_twins, rel_err
 
-transformers = pytest.importorskip("transformers")
-
-PAD, EOS = 0, 7
 PROMPTS = [[5, 17, 200, 33, 9], [44, 3, 19, 301, 8, 250, 61, 90, 12, 77, 3], [402, 11]]
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a - ref).abs().max() / ref.abs().max()).item()
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights large enough that attention and RoPE matter (the default init makes them near uniform)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.15 * noise)
-
-
-def build(rope_scaling=True, seed=0):
-    cfg = BLIP3oConfig.tiny("llama3", with_decoder=False).text
-    if not rope_scaling:
-        cfg.rope_scaling = None
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling:
-        rope = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, rms_norm_eps=cfg.rms_norm_eps, rope_parameters=rope,
-        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
-        attention_bias=False, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD,
-    )
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    randomize(hf, seed)
-    ours = CausalLM(cfg).eval()
-    ours.load_state_dict(hf.state_dict(), strict=True)
-    return hf, ours
 
 
 @pytest.fixture(scope="module")
 def models():
-    return build()
+    return llama_twins()
 
 
 def left_pad(prompts):
@@ -82,7 +46,7 @@ def test_llama3_inv_freq_scaling_matches_transformers(models):
 
 @pytest.mark.parametrize("rope_scaling", [True, False])
 def test_logits_match_transformers(rope_scaling):
-    hf, ours = build(rope_scaling)
+    hf, ours = llama_twins(rope_scaling)
     ids = torch.tensor([PROMPTS[1]])
     with torch.no_grad():
         ref = hf(ids).logits

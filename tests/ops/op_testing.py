@@ -16,6 +16,11 @@ Tolerances (DESIGN.md, "Correctness"):
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -98,3 +103,14 @@ def leaf(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 def poison(*shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def run_scalar_child(code: str):
+    """Run `code` in a subprocess with BLIP3O_FAST_CPU_SCALAR=1 (the C++ faces read it once per
+    process, so the scalar paths need their own interpreter) and return the JSON its last line prints."""
+    if "cpu" not in available_backends():
+        pytest.skip("the cpu face is not built")
+    env = dict(os.environ, BLIP3O_FAST_CPU_SCALAR="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])

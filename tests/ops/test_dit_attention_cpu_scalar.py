@@ -9,12 +9,8 @@ running the same math natively in bf16 (autograd included for gradients), floore
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from op_testing import run_scalar_child
 
 _CHILD = r'''
 import importlib, json, math
@@ -149,11 +145,7 @@ print(json.dumps({"features": C.cpu_features(), "failures": failures}))
 
 @pytest.fixture(scope="module")
 def scalar_run() -> dict:
-    pytest.importorskip("blip3o_fast._C")
-    env = dict(os.environ, BLIP3O_FAST_CPU_SCALAR="1")
-    proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_scalar_child(_CHILD)
 
 
 def test_scalar_path_is_selected(scalar_run):

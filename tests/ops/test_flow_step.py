@@ -3,17 +3,12 @@ built face vs the PyTorch reference, the solvers built from it, the exact mode b
 the released sampler's arithmetic (as engine/flow_sampler.py writes it), poisoned outputs, bad
 input. Tolerances: see op_testing.py."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from op_testing import check_close, face_device, face_params, kernel_fn, poison
+from op_testing import check_close, face_device, face_params, kernel_fn, poison, run_scalar_child
 
 from blip3o_fast.engine.flow_sampler import flow_sigmas
-from blip3o_fast.ops import available_backends, dispatch, flow_step, flow_step_reference
+from blip3o_fast.ops import dispatch, flow_step, flow_step_reference
 
 FACES = face_params("flow_step")
 SHAPES = [(1, 1), (2, 3, 5), (3, 1000), (2, 1792, 8, 8)]  # x shapes; v has twice the rows when guided
@@ -217,9 +212,5 @@ print(json.dumps(res))
 
 def test_cpu_scalar_path():
     """BLIP3O_FAST_CPU_SCALAR=1 (read once per process) takes the scalar loops: exact bits and fp32 update."""
-    if "cpu" not in available_backends():
-        pytest.skip("the cpu face is not built")
-    env = dict(os.environ, BLIP3O_FAST_CPU_SCALAR="1")
-    res = subprocess.run([sys.executable, "-c", _SCALAR_CHILD], env=env, capture_output=True, text=True, check=True)
-    bad = [k for k, ok in json.loads(res.stdout.strip().splitlines()[-1]).items() if not ok]
+    bad = [k for k, ok in run_scalar_child(_SCALAR_CHILD).items() if not ok]
     assert not bad, f"scalar path mismatches: {bad}"

@@ -2,11 +2,6 @@
 face vs the PyTorch reference (forward, backward, with and without the next norm, poisoned outputs,
 bad input, the scalar CPU path). Tolerances: see op_testing.py."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from op_testing import (
@@ -19,9 +14,10 @@ from op_testing import (
     kernel_fn,
     leaf,
     poison,
+    run_scalar_child,
 )
 
-from blip3o_fast.ops import available_backends, gated_residual_norm, gated_residual_norm_reference
+from blip3o_fast.ops import gated_residual_norm, gated_residual_norm_reference
 
 EPS = 1e-5
 FACES = face_params("gated_residual_norm_fwd", "gated_residual_norm_bwd")
@@ -190,11 +186,7 @@ print(json.dumps(errs))
 
 def test_cpu_scalar_path():
     """BLIP3O_FAST_CPU_SCALAR=1 (read once per process) takes the scalar row bodies: fwd + bwd vs the reference."""
-    if "cpu" not in available_backends():
-        pytest.skip("the cpu face is not built")
-    env = dict(os.environ, BLIP3O_FAST_CPU_SCALAR="1")
-    res = subprocess.run([sys.executable, "-c", _SCALAR_CHILD], env=env, capture_output=True, text=True, check=True)
-    errs = json.loads(res.stdout.strip().splitlines()[-1])
+    errs = run_scalar_child(_SCALAR_CHILD)
     for key, err in errs.items():
         tol = 1e-5 if "float32" in key else 2e-2  # bf16: one output rounding (2^-8) plus the grads' own
         assert err <= tol, f"scalar path {key}: error {err:.3g} > {tol}"

@@ -53,6 +53,7 @@ class Config:
     constexprs: dict
     num_warps: int
     divisible: list = field(default_factory=list)  # args the runtime would specialise as 16-divisible
+    options: dict = field(default_factory=dict)  # extra compile options the launcher passes (enable_fp_fusion)
 
 
 @dataclass
@@ -211,6 +212,61 @@ def triton_configs() -> list[Config]:
             ["part_ptr", "out_ptr", "N"]))
     out += _dit_attention_configs()
     out += _gated_residual_norm_configs() + _flow_step_configs()
+    out += _varlen_prefill_attention_configs() + _rope_kv_cache_write_configs()
+    out += _paged_decode_attention_configs()
+    out += _linear_cross_entropy_configs()
+    out += _residual_rms_norm_configs() + _sample_tokens_configs()
+    out += _decode_linear_configs()
+    return out
+
+
+# AR engine prefill (kernels/varlen_prefill_attention.py): Qwen2.5 heads of 64 (0.5B, 14/2) and 128 (3B/7B),
+# prompts up to 64 tokens and longer ones (the launcher's two tile sizes).
+VARLEN_HEAD_DIMS = (64, 128)
+VARLEN_MAX_SEQLEN = (64, 2048)
+
+
+def _varlen_prefill_attention_configs() -> list[Config]:
+    import torch
+
+    from blip3o_fast.kernels import varlen_prefill_attention as vpa
+
+    out: list[Config] = []
+    for dt in DTYPES:
+        p = f"*{dt}"
+        for d in VARLEN_HEAD_DIMS:
+            for max_len in VARLEN_MAX_SEQLEN:
+                bm, bn, warps = vpa.prefill_blocks(d, torch.float32 if dt == "fp32" else torch.bfloat16, max_len)
+                ce = {"D": d, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_S": vpa.seq_block(32), "UPCAST": False,
+                      "F32_OPERANDS": False}
+                sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "cu_ptr": "*i32", "out_ptr": p, "S": "i32", "N": "i32",
+                       "H": "i32", "KVH": "i32", "GROUP": "i32", "qk_scale": "fp32"}
+                out.append(Config("varlen_prefill_attention", "varlen_prefill_attention_fwd_kernel",
+                                  f"{dt} D={d} max_len={max_len}", _sig(sig, ce), ce, warps,
+                                  ["q_ptr", "k_ptr", "v_ptr", "cu_ptr", "out_ptr"]))
+    return out
+
+
+# RoPE + KV-cache write (kernels/rope_kv_cache_write.py): Qwen2.5 0.5B (14/2, D 64), 3B (16/2, D 128) and
+# 7B (28/4, D 128); one program per token, so T = 1 .. 8192 share one config.
+ROPE_KV_HEADS = ((14, 2, 64), (16, 2, 128), (28, 4, 128))  # (heads, kv heads, head_dim)
+
+
+def _rope_kv_cache_write_configs() -> list[Config]:
+    from blip3o_fast.kernels import rope_kv_cache_write as rkw
+
+    out: list[Config] = []
+    for dt in DTYPES:
+        p = f"*{dt}"
+        for heads, kv_heads, d in ROPE_KV_HEADS:
+            bhalf, bh, bkvh, warps = rkw.rope_kv_cache_write_blocks(heads, kv_heads, d)
+            ce = {"HALF": d // 2, "BLOCK_HALF": bhalf, "BLOCK_H": bh, "BLOCK_KVH": bkvh}
+            ptrs = ["q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "qo_ptr", "ko_ptr"]
+            sig = {k: p for k in ptrs} | {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64",
+                                          "num_slots": "i64", "H": "i32", "KVH": "i32"}
+            out.append(Config("rope_kv_cache_write", "rope_kv_cache_write_kernel",
+                              f"{dt} H={heads}/{kv_heads} D={d} T=1..8192", _sig(sig, ce), ce, warps,
+                              ptrs + ["cos_ptr", "sin_ptr", "slot_ptr"]))
     return out
 
 
@@ -269,6 +325,176 @@ def _flow_step_configs() -> list[Config]:
         sig = {"x_ptr": f"*{dt}", "v_ptr": f"*{dt}", "out_ptr": f"*{dt}", "total": "i32", "dt": "fp32", "g": "fp32"}
         out.append(Config("flow_step", "flow_step_exact_kernel", f"{dt} exact {label}", _sig(sig, ce), ce, warps,
                           ["x_ptr", "v_ptr", "out_ptr", "total"]))
+    return out
+
+
+# Paged decode attention (kernels/paged_decode_attention.py): the AR backbones' attention shapes,
+# (query heads, kv heads, head dim), with the engine's 16-token blocks.
+PAGED_DECODE_MODELS = {
+    "Qwen2.5-0.5B": (14, 2, 64),
+    "Qwen2.5-VL-3B": (16, 2, 128),
+    "Qwen2.5-VL-7B": (28, 4, 128),
+    "LLaMA-3-8B": (32, 8, 128),
+}
+PAGED_DECODE_BLOCK = 16
+
+
+def _paged_decode_attention_configs() -> list[Config]:
+    """The split kernel per model and dtype, split-K on (its epilogue writes partials; the one-split
+    epilogue is a plain store), and the combine kernel per head dim at the most splits."""
+    import torch
+
+    from blip3o_fast.kernels import paged_decode_attention as pda
+    from blip3o_fast.ops.paged_decode_attention import MAX_SPLITS
+
+    out: list[Config] = []
+    for dt in DTYPES:
+        p = f"*{dt}"
+        tdt = torch.float32 if dt == "fp32" else torch.bfloat16
+        for name, (heads, kv_heads, d) in PAGED_DECODE_MODELS.items():
+            block_n, warps = pda.split_blocks(d, tdt)
+            ce = {"D": d, "BLOCK_G": pda.group_rows(heads // kv_heads), "BLOCK_N": block_n, "SPLIT": True,
+                  "UPCAST": False}
+            sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "table_ptr": "*i32", "len_ptr": "*i32", "out_ptr": p,
+                   "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "H": "i32", "GROUP": "i32",
+                   "max_blocks": "i32", "block_size": "i32", "stride_block": "i32", "stride_token": "i32",
+                   "num_splits": "i32", "qk_scale": "fp32"}
+            label = f"{dt} {name} H={heads}/{kv_heads} D={d} bs={PAGED_DECODE_BLOCK}"
+            out.append(Config("paged_decode_attention", "paged_decode_attention_split_kernel", label, _sig(sig, ce),
+                              ce, warps, ["q_ptr", "k_ptr", "v_ptr", "table_ptr", "len_ptr", "out_ptr",
+                                          "part_out_ptr", "part_lse_ptr", "block_size", "stride_block",
+                                          "stride_token"]))
+        for d in sorted({d for _, _, d in PAGED_DECODE_MODELS.values()}):
+            ce = {"D": d, "BLOCK_S": pda.combine_block(MAX_SPLITS)}
+            sig = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": p, "num_splits": "i32"}
+            out.append(Config("paged_decode_attention", "paged_decode_attention_combine_kernel",
+                              f"{dt} D={d} splits<={MAX_SPLITS}", _sig(sig, ce), ce, 4,
+                              ["part_out_ptr", "part_lse_ptr", "out_ptr"]))
+    return out
+
+
+# Fused linear + cross-entropy (kernels/linear_cross_entropy.py): the lm_head of Qwen2.5 3B / 7B (H 2048 / 3584,
+# V 151936) and LLaMA 3 (V 128256). The tiles do not depend on H, V or N (all runtime arguments; H and V are
+# multiples of 16, which the runtime specialises on), so one config per kernel and dtype covers them all.
+LCE_H = (2048, 3584)
+LCE_V = (151936, 128256)
+
+
+def _linear_cross_entropy_configs() -> list[Config]:
+    import torch
+
+    from blip3o_fast.kernels import linear_cross_entropy as lce
+
+    label_shapes = f"H={','.join(map(str, LCE_H))} V={','.join(map(str, LCE_V))}"
+    out: list[Config] = []
+    for dt in DTYPES:
+        p = f"*{dt}"
+        tdt = torch.float32 if dt == "fp32" else torch.bfloat16
+        bm, bv, bk, warps = lce.lce_blocks("fwd", tdt, ROWS, LCE_H[-1], LCE_V[0])
+        ce = {"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": bk, "UPCAST": False}
+        sig = {"h_ptr": p, "w_ptr": p, "t_ptr": "*i64", "pmax_ptr": "*fp32", "psum_ptr": "*fp32", "ppick_ptr": "*fp32",
+               "N": "i32", "H": "i32", "V": "i32", "V_PER_SPLIT": "i32"}
+        out.append(Config("linear_cross_entropy", "linear_cross_entropy_fwd_kernel", f"{dt} {label_shapes}",
+                          _sig(sig, ce), ce, warps, ["h_ptr", "w_ptr", "t_ptr", "H", "V", "V_PER_SPLIT"]))
+        for kind in ("dh", "dw"):
+            kernel = f"linear_cross_entropy_bwd_{kind}_kernel"
+            bm, bv, bk, warps = lce.lce_blocks(kind, tdt, ROWS, LCE_H[-1], LCE_V[0])
+            ce = {"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": bk, "UPCAST": False, "F32_OPERANDS": False}
+            sig = {"dl_ptr": "*fp32", "h_ptr": p, "w_ptr": p, "t_ptr": "*i64", "lse_ptr": "*fp32", "acc_ptr": "*fp32",
+                   "N": "i32", "H": "i32", "V": "i32"}
+            if kind == "dw":
+                sig["V0"] = "i32"
+            sig["ignore_index"] = "i32"
+            out.append(Config("linear_cross_entropy", kernel, f"{dt} {label_shapes}", _sig(sig, ce), ce, warps,
+                              ["dl_ptr", "h_ptr", "w_ptr", "t_ptr", "lse_ptr", "acc_ptr", "H", "V"]))
+    block_n, block_s = lce.combine_blocks(ROWS, 2 * SMS)  # the most splits the forward launches
+    ce = {"BLOCK_N": block_n, "BLOCK_S": block_s}
+    sig = {"pmax_ptr": "*fp32", "psum_ptr": "*fp32", "ppick_ptr": "*fp32", "t_ptr": "*i64", "loss_ptr": "*fp32",
+           "lse_ptr": "*fp32", "N": "i32", "V": "i32", "SPLITS": "i32", "ignore_index": "i32"}
+    out.append(Config("linear_cross_entropy", "linear_cross_entropy_combine_kernel", f"fp32 splits<={2 * SMS}",
+                      _sig(sig, ce), ce, 4, ["pmax_ptr", "psum_ptr", "ppick_ptr", "t_ptr", "loss_ptr", "lse_ptr"]))
+    return out
+
+
+def _residual_rms_norm_configs() -> list[Config]:
+    """The decoder's residual add + RMSNorm at the 0.5B / 3B / 7B hidden sizes, for prefill (8192 rows) and
+    decode (1 row: the launcher shrinks BLOCK_M to the rows; 256 rows take the prefill tile)."""
+    from blip3o_fast.kernels import rms_norm as rn
+
+    out: list[Config] = []
+    for dt in DTYPES:
+        p = f"*{dt}"
+        for n in (896, *LLM_N):
+            bm_full, bn = rn.row_blocks(n)
+            for rows in sorted({ROWS, 1}):
+                bm = min(bm_full, 1 << (rows - 1).bit_length())
+                ce = {"BLOCK_M": bm, "BLOCK_N": bn}
+                warps = rn.num_warps_for(bm * bn)
+                label = f"{dt} N={n} rows={rows}"
+                ptrs = ["x_ptr", "r_ptr", "w_ptr", "out_ptr", "s_ptr"]
+                sig = {k: p for k in ptrs} | {"rstd_ptr": "*fp32", "rows": "i32", "N": "i32", "eps": "fp32"}
+                out.append(Config("residual_rms_norm", "residual_rms_norm_fwd_kernel", label, _sig(sig, ce), ce, warps,
+                                  ptrs + ["rstd_ptr", "rows", "N"]))
+                if rows == ROWS:
+                    ptrs = ["dy_ptr", "dres_ptr", "s_ptr", "w_ptr", "ds_ptr"]
+                    sig = {k: p for k in ptrs} | {"rstd_ptr": "*fp32", "dw_part_ptr": "*fp32", "rows": "i32",
+                                                  "N": "i32"}
+                    out.append(Config("residual_rms_norm", "residual_rms_norm_bwd_kernel", label, _sig(sig, ce), ce,
+                                      warps, ptrs + ["rstd_ptr", "dw_part_ptr", "rows", "N"]))
+    return out
+
+
+def _sample_tokens_configs() -> list[Config]:
+    """Token sampling over the Qwen2 vocabulary (one program per row: the batch does not change the kernel),
+    launched as the launcher does, with FMA contraction off (bit-exact noise)."""
+    from blip3o_fast.kernels import sample_tokens as stk
+
+    vocab = 151936
+    block = stk.sample_block(vocab)
+    out: list[Config] = []
+    for dt in DTYPES:
+        ce = {"BLOCK": block}
+        sig = {"l_ptr": f"*{dt}", "temp_ptr": "*fp32", "topk_ptr": "*i32", "topp_ptr": "*fp32", "seed_ptr": "*i64",
+               "ctr_ptr": "*i64", "tok_ptr": "*i64", "lp_ptr": "*fp32", "V": "i32"}
+        out.append(Config("sample_tokens", "sample_tokens_kernel", f"{dt} V={vocab}", _sig(sig, ce), ce, 8,
+                          ["l_ptr", "temp_ptr", "topk_ptr", "topp_ptr", "seed_ptr", "ctr_ptr", "tok_ptr", "lp_ptr",
+                           "V"], {"enable_fp_fusion": False}))
+    return out
+
+
+# Small-M linear (kernels/decode_linear.py): every weight of the AR backbones at decode, (N, K) pairs; the
+# tiles depend only on the dtype and M (1: GEMV, 16: tl.dot), N and K are runtime arguments (multiples of 16,
+# which the runtime specialises on), so one config per (dtype, M, split or not) covers every pair below.
+DECODE_LINEAR_SHAPES = {
+    "Qwen2.5-0.5B": ((896, 896), (4864, 896), (896, 4864), (151936, 896)),
+    "Qwen2.5-VL-7B": ((3584, 3584), (18944, 3584), (3584, 18944), (152064, 3584)),
+    "LLaMA-3-8B": ((4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096)),
+}
+DECODE_LINEAR_M = (1, 16)
+
+
+def _decode_linear_configs() -> list[Config]:
+    """The main kernel per dtype and M, with the one-split epilogue (bias, rounding) and the split-K one
+    (fp32 partials), and the split reduction per dtype."""
+    from blip3o_fast.kernels import decode_linear as dl
+
+    models = ",".join(DECODE_LINEAR_SHAPES)
+    out: list[Config] = []
+    for dt in DTYPES:
+        p = f"*{dt}"
+        for m in DECODE_LINEAR_M:
+            bm, bn, bk, warps = dl.decode_blocks(m, 896)
+            for split in (False, True):
+                ce = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "HAS_BIAS": True, "SPLIT": split, "UPCAST": False}
+                sig = {"x_ptr": p, "w_ptr": p, "b_ptr": p, "out_ptr": p, "part_ptr": "*fp32", "M": "i32", "N": "i32",
+                       "K": "i32", "K_PER_SPLIT": "i32"}
+                label = f"{dt} M={m} {'split-K' if split else 'one split'} {models}"
+                out.append(Config("decode_linear", "decode_linear_kernel", label, _sig(sig, ce), ce, warps,
+                                  ["x_ptr", "w_ptr", "b_ptr", "out_ptr", "part_ptr", "N", "K", "K_PER_SPLIT"]))
+        ce = {"HAS_BIAS": True, "BLOCK": dl.REDUCE_BLOCK}
+        sig = {"part_ptr": "*fp32", "b_ptr": p, "out_ptr": p, "M": "i32", "N": "i32", "SPLITS": "i32"}
+        out.append(Config("decode_linear", "decode_linear_reduce_kernel", f"{dt} splits<={dl.MAX_SPLITS}",
+                          _sig(sig, ce), ce, 4, ["part_ptr", "b_ptr", "out_ptr", "N"]))
     return out
 
 
@@ -334,7 +560,7 @@ def compile_triton(cfg: Config, cc: int) -> Result:
         fn = getattr(importlib.import_module(f"blip3o_fast.kernels.{cfg.module}"), cfg.kernel)
         attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in cfg.divisible}
         src = ASTSource(fn=fn, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": cfg.num_warps})
+        k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": cfg.num_warps, **cfg.options})
         ptx = k.asm["ptx"]
         res.shared = int(k.metadata.shared)
         for key, value in ptx_features(ptx).items():

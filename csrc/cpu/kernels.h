@@ -5,6 +5,8 @@
 
 #include "blip3o/common.h"
 #include "blip3o/dit_attention.h"
+#include "blip3o/varlen_prefill_attention.h"
+#include "blip3o/paged_decode_attention.h"
 
 namespace blip3o::cpu {
 
@@ -43,5 +45,47 @@ void gated_residual_norm_bwd(const void* dxo, const void* dh, const void* x, con
 // v_prev / v_save fp32 or null.
 void flow_step(const void* x, const void* v, void* out, const float* v_prev, float* v_save, int64_t batch,
                int64_t n, bool guided, float dt, float guidance, float c_prev, bool exact, DType x_dt, DType v_dt);
+
+// Paged decode attention: pointers and dims per python/blip3o_fast/ops/paged_decode_attention.py.
+void paged_decode_attention(const paged_decode_attention::Args& args, const paged_decode_attention::Dims& dims,
+                            DType dt);
+
+// Fused linear + cross-entropy: hidden (n, h), weight (v, h), targets (n) int64; dhidden / dweight may be
+// null (not wanted). Contract: python/blip3o_fast/ops/linear_cross_entropy.py.
+void linear_cross_entropy_fwd(const void* hidden, const void* weight, const int64_t* targets, float* loss,
+                              float* lse, int64_t n, int64_t h, int64_t v, int64_t ignore_index, DType dt);
+void linear_cross_entropy_bwd(const float* dloss, const void* hidden, const void* weight, const int64_t* targets,
+                              const float* lse, void* dhidden, void* dweight, int64_t n, int64_t h, int64_t v,
+                              int64_t ignore_index, DType dt);
+
+// Varlen causal prefill attention: q/out (tokens, heads, d), k/v (tokens, kv_heads, d), cu_seqlens
+// (seqs + 1) int32 offsets. Contract: python/blip3o_fast/ops/varlen_prefill_attention.py.
+void varlen_prefill_attention_fwd(const void* q, const void* k, const void* v, const int32_t* cu_seqlens, void* out,
+                                  const varlen_prefill_attention::Dims& dims, DType dt);
+
+// RoPE (rotate-half) of q (tokens, heads, d) and k (tokens, kv_heads, d) fused with the paged KV-cache write
+// of rotated k and v at slots (tokens) int64 (outside [0, num_slots): not written). cos/sin (tokens, d/2).
+// Contract: python/blip3o_fast/ops/rope_kv_cache_write.py.
+void rope_kv_cache_write(const void* q, const void* k, const void* v, const float* cos, const float* sin,
+                         void* k_cache, void* v_cache, const int64_t* slots, void* q_rot, void* k_rot,
+                         int64_t tokens, int64_t heads, int64_t kv_heads, int64_t d, int64_t num_slots, DType dt);
+
+// Decoder residual add + RMSNorm: x, residual, out, new_residual, dy, dres, s, ds (rows, n); rstd (rows)
+// and dweight fp32. Contract: python/blip3o_fast/ops/residual_rms_norm.py.
+void residual_rms_norm_fwd(const void* x, const void* residual, const void* weight, void* out, void* new_residual,
+                           float* rstd, int64_t rows, int64_t n, float eps, DType dt);
+void residual_rms_norm_bwd(const void* dy, const void* dres, const void* s, const void* weight, const float* rstd,
+                           void* ds, float* dweight, int64_t rows, int64_t n, DType dt);
+
+// Per-row token sampling over logits (batch, vocab); the per-row parameters and outputs have batch
+// entries. Contract: python/blip3o_fast/ops/sample_tokens.py.
+void sample_tokens(const void* logits, const float* temperature, const int32_t* top_k, const float* top_p,
+                   const int64_t* seeds, const int64_t* counters, int64_t* tokens, float* logprobs, int64_t batch,
+                   int64_t vocab, DType dt);
+
+// Small-M linear for decode steps: out (m, n) = x (m, k) @ weight (n, k)^T + bias (n) (bias may be
+// nullptr). Contract: python/blip3o_fast/ops/decode_linear.py.
+void decode_linear(const void* x, const void* weight, const void* bias, void* out, int64_t m, int64_t n, int64_t k,
+                   DType dt);
 
 }  // namespace blip3o::cpu

@@ -1,4 +1,4 @@
-"""The `blip3o-fast` console command: demo, generate, chat, edit.
+"""The `blip3o-fast` console command: demo, generate, chat, edit, precompute, train.
 
 --model takes a checkpoint folder, or `tiny` / `tiny-llama3` for the embedded models built from a
 fixed seed (no download).
@@ -121,6 +121,69 @@ def cmd_edit(args) -> None:
         print(p)
 
 
+def cmd_precompute(args) -> None:
+    """Encode the generation targets of WebDataset shards once (EVA-CLIP features or VAE latents)."""
+    import torch
+
+    from blip3o_fast.training.precompute import load_target_encoder, precompute
+
+    watch = Stopwatch()
+    encoder = load_target_encoder(args.encoder, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
+                                  image_size=args.image_size, seed=args.seed)
+    watch.lap(f"loaded the {encoder.kind} encoder")
+    manifest = precompute(args.shards, args.out, encoder, batch_size=args.batch_size, shard_size=args.shard_size,
+                          keep_images=args.keep_images)
+    watch.lap(f"precomputed {manifest['count']} targets {tuple(manifest['target']['shape']) if manifest['target'] else ''}")
+    print(os.path.join(args.out, "precompute.json"))
+
+
+def cmd_train(args) -> None:
+    """Train from a TOML config; under torchrun every process runs this."""
+    from blip3o_fast.training.config import load_config
+    from blip3o_fast.training.trainer import train
+
+    train(load_config(args.config, args.set))
+
+
+def cmd_shapes_data(args) -> None:
+    """Write the synthetic shapes world: train + held-out WebDataset shards and JSON conversation files."""
+    from blip3o_fast.shapes.understanding import HELDOUT_SEED
+    from blip3o_fast.shapes.writer import write_dataset
+
+    watch = Stopwatch()
+    manifest = write_dataset(args.out, args.train, seed=args.seed, heldout=args.heldout,
+                             heldout_seed=HELDOUT_SEED if args.heldout_seed is None else args.heldout_seed,
+                             width=args.size, shard_size=args.shard_size)
+    counts = ", ".join(f"{name} {s['scenes']} scenes in {len(s['shards'])} shards" for name, s in manifest["splits"].items())
+    watch.lap(f"wrote {counts}")
+    print(os.path.join(args.out, "manifest.json"))
+
+
+def cmd_eval_shapes(args) -> None:
+    """Mini-GenEval + understanding accuracy on the shapes world; --model also takes tiny:<backbone> (random)."""
+    import torch
+
+    from blip3o_fast.shapes.evaluate import evaluate, write_json
+    from blip3o_fast.tiny import tiny_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    watch = Stopwatch()
+    if args.model.startswith("tiny:"):
+        model = tiny_model(args.model.split(":", 1)[1]).to(device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
+    else:
+        model = _load(args.model, args.device, args.dtype)
+    watch.lap(f"loaded {args.model}")
+    result = evaluate(model, images_per_prompt=args.images_per_prompt, seed=args.seed, limit=args.limit,
+                      understanding_images=args.understanding_images, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, save_images=args.save_images,
+                      sampler={"num_steps": args.steps, "guidance_scale": args.guidance, "solver": args.solver})
+    result["model"] = args.model
+    if args.out:
+        write_json(result, args.out)
+        print(args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip3o-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +230,56 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--image", action="append", required=True, help="an input image (repeatable)")
     edit.add_argument("--out", default="out/edited.png")
     edit.set_defaults(func=cmd_edit)
+
+    pre = sub.add_parser("precompute", help="encode training targets of WebDataset shards once (EVA-CLIP / VAE)")
+    pre.add_argument("shards", nargs="+", help="input shards: paths, globs or brace patterns")
+    pre.add_argument("--out", required=True, help="output folder: shards with feat.npy + precompute.json (resumable)")
+    pre.add_argument("--encoder", default="tiny-eva",
+                     help="an EVA-CLIP checkpoint (file or folder), a diffusers AutoencoderKL folder, or tiny-eva")
+    pre.add_argument("--batch-size", type=int, default=32)
+    pre.add_argument("--shard-size", type=int, default=1000, help="samples per output shard")
+    pre.add_argument("--image-size", type=int, default=None, help="VAE input resolution (default: its sample_size)")
+    pre.add_argument("--keep-images", action="store_true", help="also copy the target images into the output")
+    pre.add_argument("--device", default="cpu")
+    pre.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    pre.add_argument("--seed", type=int, default=0, help="weights of tiny-eva")
+    pre.set_defaults(func=cmd_precompute)
+
+    tr = sub.add_parser("train", help="train from a TOML config (configs/); run under torchrun for DDP / FSDP2")
+    tr.add_argument("config", help="a TOML file, e.g. configs/t2i_pretrain.toml")
+    tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value (a TOML value, or a bare string); repeatable")
+    tr.set_defaults(func=cmd_train)
+
+    sd = sub.add_parser("shapes-data", help="write the synthetic shapes world (WebDataset shards + JSON)")
+    sd.add_argument("out", help="output folder")
+    sd.add_argument("--train", type=int, default=10000, help="training scenes")
+    sd.add_argument("--heldout", type=int, default=200, help="held-out scenes (written with --heldout-seed)")
+    sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--heldout-seed", type=int, default=None, help="default: the eval's held-out seed")
+    sd.add_argument("--size", type=int, default=64, help="image side in pixels")
+    sd.add_argument("--shard-size", type=int, default=1000, help="scenes per shard")
+    sd.set_defaults(func=cmd_shapes_data)
+
+    ev = sub.add_parser("eval", help="benchmarks of a model")
+    ev_sub = ev.add_subparsers(dest="benchmark", required=True)
+    es = ev_sub.add_parser("shapes", help="Mini-GenEval + understanding accuracy on the shapes world")
+    es.add_argument("--model", default="tiny-shapes", help="checkpoint folder, an embedded name, or tiny:<backbone> (random)")
+    es.add_argument("--device", default="cpu")
+    es.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    es.add_argument("--seed", type=int, default=0, help="base seed of the images (image k of prompt i: seed + 1000 i + k)")
+    es.add_argument("--images-per-prompt", type=int, default=4)
+    es.add_argument("--limit", type=int, default=None, help="only the first N prompts of each category")
+    es.add_argument("--understanding-images", type=int, default=60, help="held-out images to ask about (0: skip)")
+    es.add_argument("--steps", type=int, default=None, help="DiT sampler steps (default: the model's)")
+    es.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    es.add_argument("--solver", default=None, choices=["euler", "heun", "multistep"])
+    es.add_argument("--batch-size", type=int, default=8)
+    es.add_argument("--max-new-tokens", type=int, default=8)
+    es.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    es.add_argument("--out", default=None, help="write the results as JSON here")
+    es.add_argument("--save-images", default=None, metavar="DIR", help="save every generated image here")
+    es.set_defaults(func=cmd_eval_shapes)
     return parser
 
 

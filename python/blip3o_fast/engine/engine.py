@@ -18,22 +18,17 @@ refused by add_request with an error naming the budget and the need.
 
 Positions: 1-D for LLaMA; 3-D M-RoPE for Qwen2.5-VL prompts (any number of images), continued while
 decoding as index + rope_delta on all three axes. Sampling is per request (greedy at temperature 0,
-else temperature / top-k / top-p from engine.text_generation) with one torch.Generator per seeded
-request, so a request's tokens do not depend on what else is in the batch.
+else temperature / top-k / top-p) and draws from (the request's seed, the token's index), so a
+request's tokens do not depend on what else is in the batch, nor on preemption.
 
 Text: tokens are detokenised incrementally (a window of recent tokens is re-decoded; text ending in
 an incomplete UTF-8 character waits for the next token), and the tail of the text that could still
 begin a stop string is held back, so the deltas of a request concatenate exactly to its final text,
 which excludes the stop string. The eos token is not part of a request's tokens or text.
 
-CUDA graphs: the decode step's inputs (tokens, positions, slots, sequence lengths, block tables)
-live in buffers preallocated at max_batch_size, filled on the host and copied in one go, and the
-decoder stack reads only those. What still stands between this eager step and graph capture:
-activations, RoPE tables, logits and the reference attention's plan (gather indices, mask) are
-allocated per step; the reference gathers max(seq_lens) keys, a width that changes every step (a
-paged kernel reading the tables in place removes both); the batch is the live size, not padded to
-a captured bucket; sampling and the stop / eos checks read the tokens on the host every step.
-Prefill is eager by design (ragged shapes), as in other engines.
+The forward passes (fused kernels, fixed-shape decode captured as CUDA graphs on CUDA) live in
+engine/model_runner.py; this module schedules requests and turns tokens into outputs. Prefill is
+eager by design (ragged shapes), as in other engines.
 """
 
 from __future__ import annotations
@@ -41,14 +36,14 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image
 
-from blip3o_fast import ops
-from blip3o_fast.engine.paged_kv_cache import PagedKVCache, paged_attention, plan_paged_attention, prefill_attention
-from blip3o_fast.engine.text_generation import expand_image_tokens, sample_next
+from blip3o_fast.engine.model_runner import DecodeRow, ModelRunner, SamplingParams
+from blip3o_fast.engine.paged_kv_cache import PagedKVCache
+from blip3o_fast.engine.text_generation import expand_image_tokens
 from blip3o_fast.models.causal_lm import CausalLM
 from blip3o_fast.tokenizer import TokenIds, render_chat
 
@@ -152,10 +147,7 @@ class _Sequence:
     pixel_values: torch.Tensor | None
     grid_thw: torch.Tensor | None
     max_new_tokens: int
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    generator: torch.Generator | None
+    sampling: SamplingParams
     eos: frozenset[int]
     want_logprobs: bool
     text: _TextStream | None
@@ -166,33 +158,6 @@ class _Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.generated)
-
-
-class _StepBuffers:
-    """Per-step decode inputs at max_batch_size: filled on the host, copied to the device in one go
-    per tensor (the same tensors on a CPU device), sliced to the live batch."""
-
-    def __init__(self, max_batch: int, max_blocks: int, device: torch.device) -> None:
-        self.host = {
-            "tokens": torch.zeros(max_batch, dtype=torch.long),
-            "positions": torch.zeros(max_batch, dtype=torch.long),
-            "slots": torch.zeros(max_batch, dtype=torch.long),
-            "seq_lens": torch.zeros(max_batch, dtype=torch.int32),
-            "block_tables": torch.zeros(max_batch, max_blocks, dtype=torch.int32),
-        }
-        if device.type == "cpu":
-            self.device = self.host
-        else:
-            self.host = {k: v.pin_memory() for k, v in self.host.items()}
-            self.device = {k: torch.zeros_like(v, device=device) for k, v in self.host.items()}
-        self.np = {k: v.numpy() for k, v in self.host.items()}
-        self.row_key: list[tuple | None] = [None] * max_batch  # (uid, table_version, blocks) written per row
-
-    def upload(self, batch: int) -> dict[str, torch.Tensor]:
-        if self.device is not self.host:
-            for k, v in self.host.items():
-                self.device[k][:batch].copy_(v[:batch], non_blocking=True)
-        return {k: v[:batch] for k, v in self.device.items()}
 
 
 class Engine:
@@ -206,7 +171,8 @@ class Engine:
     max_batch_size: most running requests; max_prefill_tokens: most prompt tokens packed into one
     step's prefill (a longer single prompt still runs alone); max_model_len: longest sequence
     (prompt + new tokens) accepted (default: whatever the pool holds); it also sets the width of
-    the block tables.
+    the block tables. cuda_graphs, decode_buckets: see ModelRunner (default: decode captured as CUDA
+    graphs on CUDA devices, eager at the live batch size on the CPU).
     """
 
     def __init__(
@@ -221,6 +187,8 @@ class Engine:
         max_batch_size: int = 32,
         max_prefill_tokens: int = 8192,
         max_model_len: int | None = None,
+        cuda_graphs: bool | None = None,
+        decode_buckets: tuple[int, ...] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -245,7 +213,8 @@ class Engine:
         table_width = self.cache.num_blocks
         if max_model_len is not None:
             table_width = min(table_width, self.cache.blocks_for(max_model_len))
-        self._buffers = _StepBuffers(max_batch_size, table_width, self.device)
+        self.runner = ModelRunner(lm, self.cache, max_batch=max_batch_size, table_width=table_width,
+                                  cuda_graphs=cuda_graphs, buckets=decode_buckets)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self._requests: dict[Any, _Sequence] = {}
@@ -311,15 +280,13 @@ class Engine:
         ti = self.token_ids
         positions, delta = self.lm.positions(input_ids, None, grid, ti and ti.image_pad, ti and ti.vision_start)
         eos = (ti.eos if ti is not None else ()) if eos_token_ids is None else eos_token_ids
-        generator = None
-        if seed is not None and temperature > 0:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed)
+        if seed is None:  # drawn from torch's global generator, so torch.manual_seed makes runs repeatable
+            seed = int(torch.randint(0, 2**62, ()))
+        sampling = SamplingParams(float(temperature), top_k or 0, 1.0 if top_p is None else float(top_p), int(seed))
         seq = _Sequence(
             request_id=request_id, uid=next(self._uids), prompt_ids=ids,
             prompt_positions=positions[..., 0, :].to(self.device), rope_delta=int(delta[0]),
-            pixel_values=pixel_values, grid_thw=grid, max_new_tokens=max_new_tokens, temperature=float(temperature),
-            top_k=top_k, top_p=top_p, generator=generator, eos=frozenset(int(e) for e in eos),
+            pixel_values=pixel_values, grid_thw=grid, max_new_tokens=max_new_tokens, sampling=sampling, eos=frozenset(int(e) for e in eos),
             want_logprobs=logprobs, text=_TextStream(self.tokenizer, stop or ()) if self.tokenizer is not None else None,
         )
         self._requests[request_id] = seq
@@ -420,106 +387,43 @@ class Engine:
             tokens += n
         return admitted
 
-    def _layers(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-        attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor],
-    ) -> torch.Tensor:
-        """The decoder stack over x (B, T, H), writing each layer's new K/V to the cache at slots
-        (B*T,) before attend(q, k, v, layer) (each (B, T, heads or kv_heads, D)) runs attention."""
-        model = self.lm.model
-        b, t, _ = x.shape
-        for i, layer in enumerate(model.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = ops.apply_rope(attn.q_proj(h).view(b, t, attn.num_heads, attn.head_dim), cos, sin)
-            k = ops.apply_rope(attn.k_proj(h).view(b, t, attn.num_kv_heads, attn.head_dim), cos, sin)
-            v = attn.v_proj(h).view(b, t, attn.num_kv_heads, attn.head_dim)
-            self.cache.write(i, k.reshape(b * t, attn.num_kv_heads, attn.head_dim),
-                             v.reshape(b * t, attn.num_kv_heads, attn.head_dim), slots)
-            x = x + attn.o_proj(attend(q, k, v, i).reshape(b, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return x
-
     def _prefill(self, seqs: list[_Sequence]) -> list[StepOutput]:
         """One packed forward over the admitted requests' whole sequences (prompt + tokens generated
         before a preemption); samples each one's next token from its last position."""
         ids: list[int] = []
-        positions, slots, cu = [], [], [0]
+        positions, slots = [], []
         for seq in seqs:
             n, t = seq.num_tokens, len(seq.prompt_ids)
             ids += seq.prompt_ids + seq.generated
             later = torch.arange(t, n, device=self.device) + seq.rope_delta
             positions.append(torch.cat([seq.prompt_positions, later.expand(3, -1) if self.three_d else later], dim=-1))
             slots.append(self.cache.slots(seq, 0, n))
-            cu.append(cu[-1] + n)
         with_images = [s for s in seqs if s.pixel_values is not None]
         pixels = torch.cat([s.pixel_values for s in with_images]) if with_images else None
         grids = torch.cat([s.grid_thw for s in with_images]) if with_images else None
         ti = self.token_ids
         x = self.lm.embed(torch.tensor([ids], device=self.device), pixels, grids, ti and ti.image_pad)
-        pos = torch.cat(positions, dim=-1)
-        cos, sin = self.lm.model.rope_tables(pos[:, None] if self.three_d else pos[None])
-
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-            return prefill_attention(q[0], k[0], v[0], cu)[None]
-
-        x = self._layers(x, cos, sin, torch.cat(slots), attend)
-        last = torch.tensor(cu[1:], device=self.device) - 1
-        logits = self.lm.logits(self.lm.model.norm(x[0, last]))
+        tokens, logprobs = self.runner.prefill(
+            x[0], torch.cat(positions, dim=-1), torch.cat(slots), [s.num_tokens for s in seqs],
+            [s.sampling for s in seqs],
+        )
         for seq in seqs:
             seq.num_cached = seq.num_tokens
-        return self._sample_and_emit(seqs, logits)
+        return [self._emit(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, logprobs)]
 
     def _decode(self, seqs: list[_Sequence]) -> list[StepOutput]:
         """One token per running request, attention through the paged cache."""
-        buf, bs = self._buffers, self.cache.block_size
-        npb = buf.np
-        for r, seq in enumerate(seqs):
-            pos = seq.num_cached
+        rows = []
+        for seq in seqs:
             table = self.cache.tables[seq]
-            npb["tokens"][r] = seq.generated[-1]
-            npb["positions"][r] = pos + seq.rope_delta
-            npb["slots"][r] = table[pos // bs] * bs + pos % bs
-            npb["seq_lens"][r] = pos + 1
-            key = (seq.uid, seq.table_version, len(table))
-            if buf.row_key[r] != key:  # rows are rewritten only when their owner or its table changed
-                npb["block_tables"][r, :len(table)] = table
-                buf.row_key[r] = key
-        b = len(seqs)
-        dev = buf.upload(b)
-        max_len = max(s.num_cached for s in seqs) + 1
-        x = self.lm.model.embed_tokens(dev["tokens"])[:, None]
-        pos = dev["positions"]
-        cos, sin = self.lm.model.rope_tables(pos.view(1, b, 1).expand(3, b, 1) if self.three_d else pos.view(b, 1))
-
-        plan = plan_paged_attention(self.cache, dev["block_tables"], dev["seq_lens"], max_seq_len=max_len,
-                                    dtype=x.dtype)
-
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-            return paged_attention(q[:, 0], self.cache, layer, dev["block_tables"], dev["seq_lens"], plan=plan)[:, None]
-
-        x = self._layers(x, cos, sin, dev["slots"], attend)
-        logits = self.lm.logits(self.lm.model.norm(x[:, 0]))
+            rows.append(DecodeRow(
+                token=seq.generated[-1], position=seq.num_cached + seq.rope_delta, cache_index=seq.num_cached,
+                block_table=table, table_key=(seq.uid, seq.table_version, len(table)), sampling=seq.sampling,
+            ))
+        tokens, logprobs = self.runner.decode(rows)
         for seq in seqs:
             seq.num_cached += 1
-        return self._sample_and_emit(seqs, logits)
-
-    def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[StepOutput]:
-        tokens = logits.argmax(-1)
-        groups: dict[tuple, list[int]] = {}
-        for r, seq in enumerate(seqs):
-            if seq.temperature > 0:
-                groups.setdefault((seq.temperature, seq.top_k, seq.top_p), []).append(r)
-        for (temperature, top_k, top_p), rows in groups.items():
-            idx = torch.tensor(rows, device=logits.device)
-            tokens[idx] = sample_next(logits[idx], temperature, top_k, top_p, [seqs[r].generator for r in rows])
-        lp_rows = [r for r, s in enumerate(seqs) if s.want_logprobs]
-        logprobs: dict[int, float] = {}
-        if lp_rows:
-            idx = torch.tensor(lp_rows, device=logits.device)
-            values = logits[idx].log_softmax(-1).gather(-1, tokens[idx, None])[:, 0]
-            logprobs = dict(zip(lp_rows, values.tolist()))
-        return [self._emit(seq, tok, logprobs.get(r)) for r, (seq, tok) in enumerate(zip(seqs, tokens.tolist()))]
+        return [self._emit(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, logprobs)]
 
     def _emit(self, seq: _Sequence, token: int, logprob: float | None) -> StepOutput:
         reason = None

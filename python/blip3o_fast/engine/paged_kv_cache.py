@@ -1,22 +1,18 @@
-"""Paged KV cache for the AR decoding engine: fixed-size blocks in per-layer pools, a block allocator,
-per-sequence block tables, and the two attention calls that read it.
+"""Paged KV cache for the AR decoding engine: fixed-size blocks in per-layer pools, a block allocator
+and per-sequence block tables.
 
 Layout: one tensor (layers, 2, num_blocks, block_size, kv_heads, head_dim); `key_cache(l)` and
 `value_cache(l)` are the (num_blocks, block_size, kv_heads, head_dim) pools of layer l. Token i of a
 sequence lives in slot `table[i // block_size] * block_size + i % block_size` of the flattened pool.
 The pool is sized once from a byte budget and never grows.
 
-`paged_attention` (decode: one query per sequence against its cached keys) and `prefill_attention`
-(ragged causal attention over packed fresh prompts) are the only places attention is computed, so a
-fused kernel replaces each with one call of the same signature.
+The kernels that read and write the pools take them as plain tensors: ops.rope_kv_cache_write
+(writes a step's K/V at its slots), ops.paged_decode_attention (reads them through the block tables).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 
 
 class OutOfBlocks(RuntimeError):
@@ -153,83 +149,3 @@ class PagedKVCache:
         flat = (self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
         self.key_cache(layer).view(flat).index_copy_(0, slots, k.to(self.kv.dtype))
         self.value_cache(layer).view(flat).index_copy_(0, slots, v.to(self.kv.dtype))
-
-
-@dataclass
-class PagedAttentionPlan:
-    """What paged_attention derives from the block tables, computed once per decode step and shared
-    by every layer (the tables are the same for all of them): the flat slot of every key position
-    (B, L) and the additive mask (B, 1, 1, L) hiding positions past each sequence's length."""
-
-    slots: torch.Tensor
-    mask: torch.Tensor
-
-
-def plan_paged_attention(
-    kv_cache: PagedKVCache,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    *,
-    max_seq_len: int | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> PagedAttentionPlan:
-    """max_seq_len (a host int >= every seq_len) bounds how much of the tables is gathered."""
-    bs = kv_cache.block_size
-    n_blocks = block_tables.shape[1] if max_seq_len is None else min(block_tables.shape[1], -(-max_seq_len // bs))
-    offsets = torch.arange(bs, device=block_tables.device)
-    slots = (block_tables[:, :n_blocks, None].long() * bs + offsets).flatten(1)
-    hidden = torch.arange(slots.shape[1], device=block_tables.device)[None, :] >= seq_lens[:, None]
-    mask = torch.zeros(hidden.shape, dtype=dtype, device=block_tables.device).masked_fill_(hidden, float("-inf"))
-    return PagedAttentionPlan(slots, mask[:, None, None])
-
-
-def paged_attention(
-    q: torch.Tensor,
-    kv_cache: PagedKVCache,
-    layer: int,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    *,
-    max_seq_len: int | None = None,
-    scale: float | None = None,
-    plan: PagedAttentionPlan | None = None,
-) -> torch.Tensor:
-    """Decode attention: q (B, heads, head_dim), one query per sequence, against the first seq_lens[b]
-    cached tokens of sequence b, found through block_tables (B, max_blocks) int. Returns (B, heads, head_dim).
-
-    GQA: heads is a multiple of kv_heads. max_seq_len and plan only save this reference work (a
-    kernel reads the tables itself and may ignore both). Reference: gather the keys, then SDPA."""
-    if plan is None:
-        plan = plan_paged_attention(kv_cache, block_tables, seq_lens, max_seq_len=max_seq_len, dtype=q.dtype)
-    b, h, d = q.shape
-    kvh = kv_cache.num_kv_heads
-    flat = (-1, kvh, d)
-    idx = plan.slots.view(-1)
-    k = kv_cache.key_cache(layer).view(flat).index_select(0, idx).view(b, -1, kvh, d).transpose(1, 2)
-    v = kv_cache.value_cache(layer).view(flat).index_select(0, idx).view(b, -1, kvh, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        q[:, :, None], k.to(q.dtype), v.to(q.dtype), attn_mask=plan.mask.to(q.dtype), scale=scale,
-        enable_gqa=h != kvh,
-    )
-    return out[:, :, 0]
-
-
-def prefill_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], *, scale: float | None = None
-) -> torch.Tensor:
-    """Causal attention within each of several packed sequences (varlen): q (N, heads, D), k, v
-    (N, kv_heads, D); sequence i is rows cu_seqlens[i]..cu_seqlens[i+1]-1. Returns (N, heads, D).
-
-    Prefill never reads the cache: a prompt (or a preempted request's prompt + generated tokens) is
-    always recomputed whole. Reference: one batched SDPA per distinct sequence length."""
-    out = torch.empty_like(q)
-    gqa = q.shape[1] != k.shape[1]
-    by_length: dict[int, list[int]] = {}
-    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        by_length.setdefault(end - start, []).append(start)
-    for n, starts in by_length.items():
-        rows = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(n, device=q.device)).view(-1)
-        qs, ks, vs = (x[rows].view(len(starts), n, x.shape[1], x.shape[2]).transpose(1, 2) for x in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
-        out[rows] = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])
-    return out

@@ -110,6 +110,16 @@ def _seeds(seed: int | Sequence[int] | None, n: int, default: int = 0) -> list[i
     return seeds
 
 
+def _load_pixel_decoder(folder: Path, device, dtype):
+    """diffusion-decoder/: the diffusers UNet + VAE of the release, or the tiny shapes model's feature
+    flow decoder (same decode interface; imported only when a checkpoint has one)."""
+    from blip3o_fast.shapes.pixel_diffusion import FeatureFlowDecoder, is_feature_flow_decoder
+
+    if is_feature_flow_decoder(folder):
+        return FeatureFlowDecoder.from_pretrained(folder, device=device, dtype=dtype)
+    return PixelDecoder.from_pretrained(folder, device=device, dtype=dtype)
+
+
 def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     """tokenizer.json loads directly (AutoTokenizer would consult config.json, whose blip3o model types
     transformers does not know); other tokenizers go through AutoTokenizer."""
@@ -174,7 +184,7 @@ class BLIP3o:
         config = config_from_raw(raw, state)
         decoder = None
         if (folder / DECODER_FOLDER).is_dir():
-            decoder = PixelDecoder.from_pretrained(folder / DECODER_FOLDER, device=device, dtype=dtype)
+            decoder = _load_pixel_decoder(folder / DECODER_FOLDER, device, dtype)
             config.decoder = decoder.cfg
         network = _empty_network(config, device, dtype)
         tied = ("lm_head.weight",) if config.text.tie_word_embeddings else ()
@@ -195,9 +205,11 @@ class BLIP3o:
         generation_config = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
         return cls(config, network, tokenizer, processor, decoder, generation_config)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the published layout: config.json, safetensors, tokenizer, generation config,
-        preprocessor config (Qwen) and diffusion-decoder/ (when there is a pixel decoder)."""
+        preprocessor config (Qwen) and diffusion-decoder/ (when there is a pixel decoder).
+        state_dict: the network's weights to write instead of its own (a trainer gathers them from
+        a sharded network)."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         ids = self.token_ids
@@ -210,7 +222,7 @@ class BLIP3o:
             "eos_token_id": list(ids.eos),
         }
         (folder / "config.json").write_text(json.dumps(config_to_raw(self.config, token_fields), indent=2))
-        state = self.network.state_dict()
+        state = dict(state_dict) if state_dict is not None else self.network.state_dict()
         if self.config.text.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         write_weights(state, folder)

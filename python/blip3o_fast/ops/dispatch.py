@@ -42,6 +42,15 @@ TRITON_MODULES = {
     "gated_residual_norm_fwd": "gated_residual_norm",
     "gated_residual_norm_bwd": "gated_residual_norm",
     "flow_step": "flow_step",
+    "varlen_prefill_attention_fwd": "varlen_prefill_attention",
+    "rope_kv_cache_write": "rope_kv_cache_write",
+    "paged_decode_attention": "paged_decode_attention",
+    "linear_cross_entropy_fwd": "linear_cross_entropy",
+    "linear_cross_entropy_bwd": "linear_cross_entropy",
+    "residual_rms_norm_fwd": "residual_rms_norm",
+    "residual_rms_norm_bwd": "residual_rms_norm",
+    "sample_tokens": "sample_tokens",
+    "decode_linear": "decode_linear",
 }
 
 

@@ -1,0 +1,174 @@
+"""The tiny shapes model's whole recipe, from nothing to one checkpoint folder (issue 7).
+
+    1. data          the shapes world as WebDataset shards (train + held-out), shapes.writer
+    2. autoencoder   the target feature encoder (64 tokens of width dim), shapes.autoencoder
+    3. backbone+DiT  blip3o_fast's own trainer, one multitask run from scratch: next-token CE on the
+                     question/answer conversations and CLIP + flow matching on the captions, the
+                     autoencoder's tokens computed online as targets ([backbone] of the recipe file is a
+                     trainer config; the recipe fills in data, targets and output folder)
+    4. pixel decoder the feature -> pixel flow decoder, shapes.pixel_diffusion
+    5. assemble      the trained BLIP3o with the flow decoder as diffusion-decoder/, in the published
+                     layout: OUT/model, loadable by BLIP3o.from_pretrained
+
+The recipe file (configs/tiny_shapes.toml) has sections [shapes], [autoencoder], [pixel_decoder],
+[backbone] (with [backbone.model], [backbone.objective], ...) and [quick]: dotted overrides applied by
+--quick, a smoke run of the same code. OUT/recipe.json records the resolved settings, every stage's
+time and the reconstruction scores (how the analyser scores held-out images after the autoencoder, and
+after the flow decoder on their true features: the bound generation can reach).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import tomllib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from blip3o_fast.shapes.autoencoder import (
+    AutoencoderConfig, ShapesAutoencoder, image_to_tensor, load_images, tensor_to_images, train_autoencoder,
+)
+from blip3o_fast.shapes.pixel_diffusion import FeatureDecoderConfig, FeatureFlowDecoder, train_pixel_decoder
+
+SECTIONS = ("shapes", "autoencoder", "pixel_decoder", "backbone", "quick")
+TRAINING_KEYS = ("steps", "batch_size", "lr", "seed")  # of [autoencoder] / [pixel_decoder], not model settings
+
+
+def load_recipe(path: str | Path, quick: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The recipe file as a dict, with [quick] applied when asked, then `section.key=value` overrides
+    (dotted into [backbone] tables too: backbone.train.max_steps=10)."""
+    from blip3o_fast.training.config import parse_override
+
+    raw = tomllib.loads(Path(path).read_text())
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown sections {sorted(unknown)} (known: {', '.join(SECTIONS)})")
+    quick_table = raw.pop("quick", {})
+    pairs = [(k, v) for k, v in quick_table.items()] if quick else []
+    for text in overrides:
+        section, key, value = parse_override(text)
+        pairs.append((f"{section}.{key}", value))
+    for dotted, value in pairs:
+        *parents, key = dotted.split(".")
+        table = raw
+        for p in parents:
+            table = table.setdefault(p, {})
+        table[key] = value
+    return raw
+
+
+def _split(section: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(training settings, model settings) of an [autoencoder] / [pixel_decoder] table."""
+    return {k: v for k, v in section.items() if k in TRAINING_KEYS}, {k: v for k, v in section.items() if k not in TRAINING_KEYS}
+
+
+def backbone_config(recipe: dict[str, Any], data_dir: Path, autoencoder_dir: Path, run_dir: Path, dim: int):
+    """The trainer config of stage 3: the recipe's [backbone] with the data, targets and output filled in."""
+    from blip3o_fast.training.config import config_from_dict
+
+    raw = copy.deepcopy(recipe.get("backbone", {}))
+    shards = [str(data_dir / "train" / "*.tar")]
+    raw.setdefault("data", {}).update(generation=shards, understanding=shards)
+    raw.setdefault("objective", {})["autoencoder"] = str(autoencoder_dir)
+    raw["objective"].setdefault("targets", "online")
+    raw.setdefault("model", {}).setdefault("dit_overrides", {})["in_channels"] = dim
+    raw.setdefault("train", {}).update(output_dir=str(run_dir), resume="none")
+    cfg = config_from_dict(raw)
+    cfg.validate()
+    return cfg
+
+
+@torch.no_grad()
+def reconstruction_scores(autoencoder: ShapesAutoencoder, decoder: FeatureFlowDecoder | None, n: int,
+                          seed: int | None = None) -> dict[str, float]:
+    """Fraction of n held-out scenes whose image the analyser passes against the scene's own spec:
+    the ground-truth render, the autoencoder's reconstruction, and the flow decoder's image from the
+    true features (seed i per scene)."""
+    from blip3o_fast.shapes.analyser import analyse
+    from blip3o_fast.shapes.geneval import check
+    from blip3o_fast.shapes.understanding import HELDOUT_SEED
+    from blip3o_fast.shapes.world import generate
+
+    from PIL import Image
+
+    samples = list(generate(n, HELDOUT_SEED if seed is None else seed, autoencoder.cfg.resolution))
+    specs = [s.scene.spec for s in samples]
+    truth = [Image.fromarray(s.image) for s in samples]
+    x = torch.stack([image_to_tensor(im, autoencoder.cfg.resolution) for im in truth])
+    feats = autoencoder.encode(x)
+    images = {"ground_truth": truth, "autoencoder": tensor_to_images(autoencoder.decode(feats))}
+    if decoder is not None:
+        steps = decoder.cfg.num_inference_steps
+        images[f"flow_decoder_{steps}_steps"] = decoder.decode(feats, None, steps, 1.0, list(range(n)))
+
+    def rate(ims) -> float:
+        return sum(check(spec, analyse(im))[0] for spec, im in zip(specs, ims)) / len(ims)
+
+    return {name: rate(ims) for name, ims in images.items()}
+
+
+def run_recipe(path: str | Path, out: str | Path, quick: bool = False, overrides: list[str] | tuple[str, ...] = (),
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs every stage into `out` (module doc); returns what OUT/recipe.json records."""
+    from blip3o_fast.shapes.writer import write_dataset
+    from blip3o_fast.training.trainer import Trainer
+
+    recipe = load_recipe(path, quick, overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"recipe": recipe, "quick": quick, "seconds": {}}
+    clock = time.perf_counter()
+
+    def stage_done(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        report["seconds"][name] = round(now - clock, 2)
+        log(f"== {name}: {now - clock:.1f} s")
+        clock = now
+
+    s = recipe.get("shapes", {})
+    data_dir = out / "data"
+    write_dataset(data_dir, s.get("train_scenes", 4000), seed=s.get("seed", 0), heldout=s.get("heldout_scenes", 200),
+                  shard_size=s.get("shard_size", 1000))
+    images = load_images(str(data_dir / "train" / "*.tar"))
+    stage_done("data")
+
+    train_args, model_args = _split(recipe.get("autoencoder", {}))
+    autoencoder, ae_losses = train_autoencoder(images, AutoencoderConfig(**model_args), log=log, **train_args)
+    autoencoder.save_pretrained(out / "autoencoder")
+    report["autoencoder_loss"] = {"first": ae_losses[0], "last": ae_losses[-1]}
+    stage_done("autoencoder")
+
+    cfg = backbone_config(recipe, data_dir, out / "autoencoder", out / "backbone", autoencoder.cfg.dim)
+    trainer = Trainer(cfg)
+    try:
+        history = trainer.fit().history
+        model = trainer.model
+    finally:
+        trainer.close()
+    report["backbone_loss"] = {k: {"first": history[0][k], "last": history[-1][k]} for k in ("gen_loss", "text_loss")}
+    stage_done("backbone")
+
+    train_args, model_args = _split(recipe.get("pixel_decoder", {}))
+    decoder, pd_losses = train_pixel_decoder(autoencoder, images, FeatureDecoderConfig(**model_args), log=log,
+                                             **train_args)
+    report["pixel_decoder_loss"] = {"first": pd_losses[0], "last": pd_losses[-1]}
+    stage_done("pixel_decoder")
+
+    model.network.eval()
+    model.pixel_decoder = decoder
+    model.config.decoder = decoder.cfg
+    model.save_pretrained(out / "model")
+    stage_done("assemble")
+
+    report["reconstruction"] = reconstruction_scores(autoencoder, decoder, s.get("score_scenes", 100))
+    stage_done("reconstruction_scores")
+    report["total_seconds"] = round(sum(report["seconds"].values()), 2)
+    report["decoder_config"] = asdict(decoder.cfg)
+    (out / "recipe.json").write_text(json.dumps(report, indent=2))
+    log(f"model: {out / 'model'}  reconstruction: {report['reconstruction']}  total {report['total_seconds']:.0f} s")
+    return report

@@ -1,0 +1,77 @@
+"""Understanding score: answer accuracy on held-out shapes-world images.
+
+The held-out set is world.generate(n, HELDOUT_SEED): scenes never drawn with a training seed, each with one
+question of every type it has (colour, count, position, shape, total, background), asked one at a time as
+a single user turn with the image. An answer is right when its normalised form equals the reference's:
+lower case, punctuation dropped, filler words dropped ("on the left" == "Left."), digits and American
+spellings mapped to the world's words ("2" == "two", "center" == "centre", "grey" == "gray").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from PIL import Image
+
+from blip3o_fast.shapes.world import NUMBER_WORDS, generate
+
+HELDOUT_SEED = 7919  # the held-out split's seed (training data uses other seeds, 0 by default)
+QUESTION_TYPES = ("colour", "count", "position", "shape", "total", "background")
+
+_FILLER = {"a", "an", "the", "on", "at", "in", "it", "is", "its", "it's", "there", "are", "of", "to", "side"}
+_SYNONYMS = {"center": "centre", "middle": "centre", "grey": "gray", "color": "colour", "none": "zero",
+             **{str(i): w for i, w in enumerate(NUMBER_WORDS)}}
+
+
+def normalise_answer(text: str) -> str:
+    words = re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
+    return " ".join(_SYNONYMS.get(w, w) for w in words if w not in _FILLER)
+
+
+@dataclass
+class Question:
+    key: str
+    kind: str
+    question: str
+    answer: str
+    image: Image.Image
+
+
+def heldout_questions(n_images: int, seed: int = HELDOUT_SEED, width: int = 64) -> list[Question]:
+    out = []
+    for sample in generate(n_images, seed, width, prefix="heldout-"):
+        image = Image.fromarray(sample.image)
+        out += [Question(sample.key, kind, q, a, image) for kind, q, a in sample.questions]
+    return out
+
+
+def score(questions: list[Question], answer: Callable[[list[str], list[Image.Image]], list[str]],
+          batch_size: int = 32) -> dict:
+    """Ask every question through `answer(questions, images) -> texts` in batches. Returns {"types": {kind:
+    {questions, correct, accuracy}}, "overall" (all questions pooled), "records"}."""
+    records = []
+    for start in range(0, len(questions), batch_size):
+        batch = questions[start:start + batch_size]
+        replies = answer([q.question for q in batch], [q.image for q in batch])
+        for q, reply in zip(batch, replies):
+            records.append({"key": q.key, "type": q.kind, "question": q.question, "answer": q.answer,
+                            "reply": reply, "correct": normalise_answer(reply) == normalise_answer(q.answer)})
+    types = {}
+    for kind in QUESTION_TYPES:
+        rows = [r for r in records if r["type"] == kind]
+        if rows:
+            correct = sum(r["correct"] for r in rows)
+            types[kind] = {"questions": len(rows), "correct": correct, "accuracy": correct / len(rows)}
+    overall = sum(r["correct"] for r in records) / len(records) if records else 0.0
+    return {"types": types, "overall": overall, "records": records}
+
+
+def table(result: dict) -> str:
+    lines = [f"{'question type':<15}{'questions':>10}{'accuracy':>10}"]
+    for kind, t in result["types"].items():
+        lines.append(f"{kind:<15}{t['questions']:>10}{t['accuracy']:>10.3f}")
+    total = sum(t["questions"] for t in result["types"].values())
+    lines.append(f"{'overall':<15}{total:>10}{result['overall']:>10.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""The shapes world: seeded determinism, captions and answers that agree with the scene and its pixels."""
+
+import re
+
+import numpy as np
+import pytest
+
+from blip3o_fast.shapes import world
+from blip3o_fast.shapes.analyser import analyse
+from blip3o_fast.shapes.world import COLOURS, SHAPES, ObjectGroup, Spec
+
+
+def test_same_seed_same_bytes_and_text():
+    a, b = list(world.generate(6, seed=3)), list(world.generate(6, seed=3))
+    for x, y in zip(a, b):
+        assert x.image.tobytes() == y.image.tobytes()
+        assert (x.caption, x.questions, x.key) == (y.caption, y.questions, y.key)
+    # Sample i depends only on (seed, i): a shorter run is a prefix of a longer one.
+    assert [s.caption for s in world.generate(3, seed=3)] == [s.caption for s in a[:3]]
+    other = list(world.generate(6, seed=4))
+    assert sum(x.image.tobytes() != y.image.tobytes() for x, y in zip(a, other)) >= 5
+
+
+@pytest.mark.parametrize("spec, caption", [
+    (Spec((ObjectGroup("square", "red", 2, "left"),)), "two red squares on the left"),
+    (Spec((ObjectGroup("circle", "blue"),)), "a blue circle"),
+    (Spec((ObjectGroup("circle", "orange", 1, "centre"),)), "an orange circle in the centre"),
+    (Spec((ObjectGroup("triangle", "green"), ObjectGroup("square", "yellow")), "above"),
+     "a green triangle above a yellow square"),
+    (Spec((ObjectGroup("circle", "red"), ObjectGroup("square"), ObjectGroup("triangle", None, 1, "top"))),
+     "a red circle, a square and a triangle at the top"),
+    (Spec((ObjectGroup("triangle", None, 3),)), "three triangles"),
+])
+def test_caption_templates(spec, caption):
+    assert spec.caption() == caption
+    assert Spec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("groups, relation", [
+    ((ObjectGroup("circle", "red", 2), ObjectGroup("circle", "red")), None),  # indistinguishable groups
+    ((ObjectGroup("circle"), ObjectGroup("circle", "blue")), None),  # "a circle and a blue circle"
+    ((ObjectGroup("square", None, 4),), None),  # too many objects
+    ((ObjectGroup("square", None, 2, "centre"),), None),  # the centre holds one
+    ((ObjectGroup("square", None, 2), ObjectGroup("circle")), "above"),  # relations relate single objects
+    ((ObjectGroup("hexagon"),), None),
+])
+def test_bad_specs_are_refused(groups, relation):
+    with pytest.raises(ValueError):
+        Spec(groups, relation)
+
+
+def _scene_realises_spec(scene):
+    objs, spec = scene.objects, scene.spec
+    assert len(objs) == sum(g.count for g in spec.groups)
+    i = 0
+    for g in spec.groups:
+        members = objs[i:i + g.count]
+        i += g.count
+        assert all(o.shape == g.shape for o in members)
+        assert len({o.colour for o in members}) == 1
+        assert g.colour is None or members[0].colour == g.colour
+        assert g.position is None or all(o.position == g.position for o in members)
+    for o in objs:
+        assert world.position_of(o.x, o.y, scene.width, scene.height) == o.position
+        x0, y0, x1, y1 = o.extents()
+        assert 0 <= x0 and x1 <= scene.width and 0 <= y0 and y1 <= scene.height
+        assert 12 <= o.size <= 18
+    for k, a in enumerate(objs):
+        for b in objs[k + 1:]:
+            ax0, ay0, ax1, ay1 = a.extents()
+            bx0, by0, bx1, by1 = b.extents()
+            assert ax1 < bx0 or bx1 < ax0 or ay1 < by0 or by1 < ay0, "objects overlap"
+    if spec.relation:
+        a, b = objs
+        assert world.relation_holds(spec.relation, (a.x, a.y), (b.x, b.y), scene.width, scene.height)
+
+
+def _answer_from_objects(question, scene):
+    """An independent reading of each question template against the scene's object list."""
+    objs = scene.objects
+    words = world.NUMBER_WORDS
+    if m := re.fullmatch(r"What colour (?:is|are) the (\w+?)s?\?", question):
+        if m.group(1) == "background":
+            return scene.background
+        return {o.colour for o in objs if o.shape == m.group(1)}.pop()
+    if m := re.fullmatch(r"How many (\w+?)s are there\?", question):
+        return words[len(objs) if m.group(1) == "object" else sum(o.shape == m.group(1) for o in objs)]
+    if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
+        (obj,) = [o for o in objs if (o.colour, o.shape) == m.groups()]
+        return world.POSITION_PHRASES[obj.position]
+    if m := re.fullmatch(r"What shape (?:is|are) the (\w+) objects?\?", question):
+        return {o.shape for o in objs if o.colour == m.group(1)}.pop()
+    raise AssertionError(f"unknown question {question!r}")
+
+
+def test_scenes_captions_and_answers_agree():
+    kinds = set()
+    for sample in world.generate(80, seed=11):
+        scene = sample.scene
+        _scene_realises_spec(scene)
+        assert sample.caption == scene.spec.caption()
+        assert sample.image.shape == (64, 64, 3) and sample.image.dtype == np.uint8
+        for kind, question, answer in sample.questions:
+            kinds.add(kind)
+            assert _answer_from_objects(question, scene) == answer, question
+        # The pixels say the same as the scene.
+        seen = analyse(sample.image)
+        assert seen.background == scene.background
+        assert sorted((o.shape, o.colour, o.position) for o in seen.objects) == \
+            sorted((o.shape, o.colour, o.position) for o in scene.objects)
+    assert kinds == {"colour", "count", "position", "shape", "total", "background"}
+
+
+def test_world_mixture_covers_the_vocabulary():
+    captions = " ".join(s.caption for s in world.generate(200, seed=5))
+    for word in [*SHAPES, *COLOURS, "two", "three", "on the left", "at the top", "in the centre", "left of", "below"]:
+        assert word in captions
+
+
+def test_other_image_sizes():
+    rng = np.random.default_rng(0)
+    scene = world.realise(Spec((ObjectGroup("square", "red", 2, "left"),)), rng, width=96)
+    image = world.render(scene)
+    assert image.shape == (96, 96, 3)
+    found = analyse(image).objects
+    assert [(o.shape, o.colour, o.position) for o in found] == [("square", "red", "left")] * 2

@@ -5,7 +5,7 @@
 // micro-kernel loads each 8-wide K chunk of kRows weight rows once (bf16/fp16 widened to fp32 in
 // registers) and FMAs it against kXRows x rows, keeping kRows * kXRows 8-lane accumulators.
 // The next tile is prefetched into L2 during the first pass over a tile (the one that reads DRAM).
-// K is cut into chunks so the x block in use (the m block's rows, one K chunk) stays in L1; the
+// K is cut into chunks so the x block in use (the m block's rows, one K chunk) stays in L2; the
 // accumulators wait in a per-thread scratch between chunks and are summed across lanes once, at the
 // end. x of a 16-bit dtype is widened to an fp32 copy first (it is tiny: M x K). K % 8 tail elements
 // are added in scalar after the lane sum; the result is rounded once to the storage dtype.
@@ -23,10 +23,11 @@ namespace {
 constexpr int kRows = 3;                    // weight rows per tile
 constexpr int kXRows = 4;                   // x rows per micro-kernel call: 12 + 3 + 1 = 16 ymm registers
 constexpr int64_t kMBlock = 64;             // x rows sharing one stream of the weight
-constexpr int64_t kXBlockBytes = 24 << 10;  // the x block (m block rows x K chunk, fp32) kept within L1
+constexpr int64_t kXBlockBytes = 128 << 10;  // the x block (m block rows x K chunk, fp32) kept within L2
 
-// K chunk for mb rows of x: the x block fits kXBlockBytes; a multiple of 8 in [128, 1024].
-int64_t k_block(int64_t mb) { return std::clamp<int64_t>(kXBlockBytes / (4 * mb) / 8 * 8, 128, 1024); }
+// K chunk for mb rows of x: the x block fits kXBlockBytes; a multiple of 8 in [512, 8192]. Long chunks:
+// each chunk costs every micro-kernel call a reload of its accumulators.
+int64_t k_block(int64_t mb) { return std::clamp<int64_t>(kXBlockBytes / (4 * mb) / 8 * 8, 512, 8192); }
 
 // acc[(m * kRows + r) * 8 + lane] += w[r, 0:kn] * x[m, 0:kn] lane-wise, for NR weight rows and MR x
 // rows; kn % 8 == 0.
@@ -75,7 +76,8 @@ BLIP3O_AVX2 void tile_avx2(const T* w, const float* x, const T* bias, T* y, int6
       const int mr = static_cast<int>(std::min<int64_t>(kXRows, mb - m0));
       float* a = acc + m0 * kRows * 8;
       if (nr < kRows) {  // the matrix's last, partial tile: one weight row at a time
-        for (int r = 0; r < nr; ++r) micro_rows_avx2<T, 1, false>(wt + r * k + k0, x + m0 * k + k0, k, kn, mr, a + r * 8);
+        for (int r = 0; r < nr; ++r)
+          micro_rows_avx2<T, 1, false>(wt + r * k + k0, x + m0 * k + k0, k, kn, mr, a + r * 8);
       } else if (m0 == 0 && prefetch) {  // the first pass streams this tile from DRAM: fetch the next one too
         micro_rows_avx2<T, kRows, true>(wt + k0, x + k0, k, kn, mr, a);
       } else {

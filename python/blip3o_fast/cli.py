@@ -145,6 +145,13 @@ def cmd_train(args) -> None:
     train(load_config(args.config, args.set))
 
 
+def cmd_train_shapes(args) -> None:
+    """The tiny shapes model's whole recipe (shapes.recipe): data, autoencoder, backbone + DiT, pixel decoder."""
+    from blip3o_fast.shapes.recipe import run_recipe
+
+    run_recipe(args.config, args.out, quick=args.quick, overrides=args.set)
+
+
 def cmd_shapes_data(args) -> None:
     """Write the synthetic shapes world: train + held-out WebDataset shards and JSON conversation files."""
     from blip3o_fast.shapes.understanding import HELDOUT_SEED
@@ -250,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a config value (a TOML value, or a bare string); repeatable")
     tr.set_defaults(func=cmd_train)
+
+    ts = sub.add_parser("train-shapes", help="the tiny shapes model's whole recipe from a recipe file (configs/tiny_shapes.toml)")
+    ts.add_argument("config", help="a recipe TOML file, e.g. configs/tiny_shapes.toml")
+    ts.add_argument("--out", default="runs/tiny_shapes", help="output folder (the checkpoint lands in OUT/model)")
+    ts.add_argument("--quick", action="store_true", help="apply the file's [quick] table: a smoke run")
+    ts.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a recipe value, e.g. backbone.train.max_steps=100; repeatable")
+    ts.set_defaults(func=cmd_train_shapes)
 
     sd = sub.add_parser("shapes-data", help="write the synthetic shapes world (WebDataset shards + JSON)")
     sd.add_argument("out", help="output folder")

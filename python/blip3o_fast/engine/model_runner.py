@@ -4,8 +4,11 @@ and one fixed-shape decode step, each ending in fused sampling.
 Per layer both run the same fused ops: residual add + RMSNorm (ops.residual_rms_norm), the q/k/v
 projections, RoPE applied to q and k while k and v are written to the cache (ops.rope_kv_cache_write),
 attention (ops.varlen_prefill_attention over the packed prompts, or ops.paged_decode_attention through
-the block tables), the output projection, and the MLP. Sampling (ops.sample_tokens) draws each row's
-token from (its seed, the token's position), so a request's tokens do not depend on its batch.
+the block tables), the output projection, and the SwiGLU MLP. Decode multiplies a few rows by every
+weight, which a GEMM library handles poorly, so its projections and the lm_head use
+ops.decode_linear (weight-streaming); prefill has many rows and uses the regular matmul. Sampling
+(ops.sample_tokens) draws each row's token from (its seed, the token's position), so a request's
+tokens do not depend on its batch.
 
 Decode reads only preallocated buffers (tokens, positions, slots, sequence lengths, block tables and
 the sampling parameters, at max_batch rows) and writes fixed-shape outputs, so its shapes depend only
@@ -20,7 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from blip3o_fast import ops
 from blip3o_fast.engine.paged_kv_cache import PagedKVCache
@@ -28,6 +35,16 @@ from blip3o_fast.models.causal_lm import CausalLM
 
 # Padded batch sizes captured as CUDA graphs (each capped at max_batch, which is always one).
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+Linear = Callable[[torch.Tensor, nn.Linear], torch.Tensor]
+
+
+def prefill_linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
+    return F.linear(x, module.weight, module.bias)
+
+
+def decode_linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
+    return ops.decode_linear(x, module.weight, module.bias)
 
 
 @dataclass
@@ -133,24 +150,28 @@ class ModelRunner:
         self._graph_pool = None
 
     # ------------------------------------------------------------------ shared layer stack
-    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
+    def _layers(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, attend, linear: Linear,
+    ) -> torch.Tensor:
         """The decoder stack over tokens x (T, H), each layer's K/V written to the cache at slots (T,)
-        before attend(q, k, v, layer) runs attention; returns the final-normed hidden states (T, H)."""
+        before attend(q, k, v, layer) runs attention, projections through linear(x, module); returns
+        the final-normed hidden states (T, H)."""
         model = self.lm.model
         layers = model.layers
         t = x.shape[0]
         norms = [layer.input_layernorm for layer in layers[1:]] + [model.norm]
         h, residual = ops.residual_rms_norm(x, None, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
         for i, layer in enumerate(layers):
-            attn = layer.self_attn
-            q = attn.q_proj(h).view(t, attn.num_heads, attn.head_dim)
-            k = attn.k_proj(h).view(t, attn.num_kv_heads, attn.head_dim)
-            v = attn.v_proj(h).view(t, attn.num_kv_heads, attn.head_dim)
+            attn, mlp = layer.self_attn, layer.mlp
+            q = linear(h, attn.q_proj).view(t, attn.num_heads, attn.head_dim)
+            k = linear(h, attn.k_proj).view(t, attn.num_kv_heads, attn.head_dim)
+            v = linear(h, attn.v_proj).view(t, attn.num_kv_heads, attn.head_dim)
             q, k = ops.rope_kv_cache_write(q, k, v, cos, sin, self.cache.key_cache(i), self.cache.value_cache(i), slots)
-            o = attn.o_proj(attend(q, k, v, i).reshape(t, -1))
+            o = linear(attend(q, k, v, i).reshape(t, -1), attn.o_proj)
             post = layer.post_attention_layernorm
             h, residual = ops.residual_rms_norm(o, residual, post.weight, post.eps)
-            h, residual = ops.residual_rms_norm(layer.mlp(h), residual, norms[i].weight, norms[i].eps)
+            m = linear(ops.swiglu(linear(h, mlp.gate_proj), linear(h, mlp.up_proj)), mlp.down_proj)
+            h, residual = ops.residual_rms_norm(m, residual, norms[i].weight, norms[i].eps)
         return h
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +179,8 @@ class ModelRunner:
         cos, sin = self.lm.model.rope_tables(positions[:, None] if positions.dim() == 2 else positions[None])
         return cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
 
-    def _sample(self, hidden: torch.Tensor, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.lm.logits(hidden)
+    def _sample(self, hidden: torch.Tensor, p: dict[str, torch.Tensor], linear: Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = linear(hidden, self.lm.lm_head).float()
         return ops.sample_tokens(logits, p["temperature"], p["top_k"], p["top_p"], p["seeds"], p["counters"])
 
     # ------------------------------------------------------------------ prefill
@@ -182,7 +203,7 @@ class ModelRunner:
         def attend(q, k, v, layer):
             return ops.varlen_prefill_attention(q, k, v, cu_dev, max_len)
 
-        h = self._layers(embeds, cos, sin, slots, attend)
+        h = self._layers(embeds, cos, sin, slots, attend, prefill_linear)
         last = (cu[1:] - 1).to(self.device)
         params = {
             "temperature": torch.tensor([s.temperature for s in sampling], dtype=torch.float32),
@@ -191,7 +212,7 @@ class ModelRunner:
             "seeds": torch.tensor([s.seed for s in sampling], dtype=torch.long),
             "counters": torch.tensor(seq_lens, dtype=torch.long),  # a sequence of n tokens samples token n
         }
-        tokens, logprobs = self._sample(h[last], {k: v.to(self.device) for k, v in params.items()})
+        tokens, logprobs = self._sample(h[last], {k: v.to(self.device) for k, v in params.items()}, decode_linear)
         return tokens.tolist(), logprobs.tolist()
 
     # ------------------------------------------------------------------ decode
@@ -206,8 +227,8 @@ class ModelRunner:
         def attend(q, k, v, layer):
             return ops.paged_decode_attention(q, cache.key_cache(layer), cache.value_cache(layer), tables, lens)
 
-        h = self._layers(x, cos, sin, buf["slots"], attend)
-        return self._sample(h, buf)
+        h = self._layers(x, cos, sin, buf["slots"], attend, decode_linear)
+        return self._sample(h, buf, decode_linear)
 
     def _padded(self, n: int) -> int:
         if self.buckets is None:

@@ -83,4 +83,4 @@ def decode_linear(
         return decode_linear_reference(x, weight, bias)
     rows = x.reshape(math.prod(x.shape[:-1]), k).contiguous()  # -1 is ambiguous when K == 0
     b = bias.contiguous() if bias is not None else None
-    return _decode_linear(rows, weight, b, backend or "").view(*x.shape[:-1], n)
+    return dispatch.call(_decode_linear, rows, weight, b, backend or "").view(*x.shape[:-1], n)

@@ -198,8 +198,8 @@ def paged_decode_attention(
         raise ValueError(f"{op}: num_splits must be an int from 1 to {MAX_SPLITS}, got {num_splits!r}")
     if dispatch.requested_backend(backend) == "torch":
         return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale=scale)
-    return _paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables.contiguous(), seq_lens.contiguous(),
-                                   scale, num_splits, backend or "")
+    return dispatch.call(_paged_decode_attention, q.contiguous(), k_cache, v_cache, block_tables.contiguous(),
+                         seq_lens.contiguous(), scale, num_splits, backend or "")
 
 
 def _check_index(op: str, name: str, t: torch.Tensor, q: torch.Tensor, ndim: int) -> None:

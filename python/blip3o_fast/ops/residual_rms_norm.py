@@ -122,5 +122,6 @@ def residual_rms_norm(
         raise ValueError(f"{op}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     if dispatch.requested_backend(backend) == "torch":
         return residual_rms_norm_reference(x, residual, weight, eps)
-    y, s, _ = _fwd(x.contiguous(), residual.contiguous(), weight.contiguous(), float(eps), backend or "")
+    y, s, _ = dispatch.call(_fwd, x.contiguous(), residual.contiguous(), weight.contiguous(), float(eps),
+                            backend or "", grad_inputs=(x, residual, weight))
     return y, s

@@ -125,5 +125,5 @@ def rope_kv_cache_write(
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     if dispatch.requested_backend(backend) == "torch":
         return rope_kv_cache_write_reference(q, k, v, cos, sin, k_cache, v_cache, slots)
-    return _rope_kv_cache_write(q.contiguous(), k.contiguous(), v.contiguous(), cos, sin, k_cache, v_cache,
-                                slots.contiguous(), backend or "")
+    return dispatch.call(_rope_kv_cache_write, q.contiguous(), k.contiguous(), v.contiguous(), cos, sin, k_cache,
+                         v_cache, slots.contiguous(), backend or "")

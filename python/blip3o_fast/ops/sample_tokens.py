@@ -169,4 +169,4 @@ def sample_tokens(
             raise ValueError(f"{op}: {name} is on {t.device} but logits is on {logits.device}")
     if dispatch.requested_backend(backend) == "torch":
         return sample_tokens_reference(logits, *given)
-    return _sample(logits.contiguous(), *(t.contiguous() for t in given), backend or "")
+    return dispatch.call(_sample, logits.contiguous(), *(t.contiguous() for t in given), backend or "")

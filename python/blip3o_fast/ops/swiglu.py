@@ -81,4 +81,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
     if dispatch.requested_backend(backend) == "torch":
         return swiglu_reference(gate, up)
-    return _swiglu_fwd(gate.contiguous(), up.contiguous(), backend or "")
+    return dispatch.call(_swiglu_fwd, gate.contiguous(), up.contiguous(), backend or "", grad_inputs=(gate, up))

@@ -121,5 +121,5 @@ def varlen_prefill_attention(
     scale = d**-0.5 if scale is None else float(scale)
     if dispatch.requested_backend(backend) == "torch":
         return varlen_prefill_attention_reference(q, k, v, cu_seqlens, scale)
-    return _varlen_prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens.contiguous(),
-                                     max_seqlen, scale, backend or "")
+    return dispatch.call(_varlen_prefill_attention, q.contiguous(), k.contiguous(), v.contiguous(),
+                         cu_seqlens.contiguous(), max_seqlen, scale, backend or "")

@@ -2,6 +2,8 @@
 
     1. data          the shapes world as WebDataset shards (train + held-out), shapes.writer
     2. autoencoder   the target feature encoder (64 tokens of width dim), shapes.autoencoder
+    (precompute)     with [backbone.objective] targets = "precomputed": the autoencoder's tokens of every
+                     caption's image written once into feature shards (training.precompute)
     3. backbone+DiT  blip3o_fast's own trainer, one multitask run from scratch: next-token CE on the
                      question/answer conversations and CLIP + flow matching on the captions, the
                      autoencoder's tokens computed online as targets ([backbone] of the recipe file is a
@@ -66,13 +68,19 @@ def _split(section: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return {k: v for k, v in section.items() if k in TRAINING_KEYS}, {k: v for k, v in section.items() if k not in TRAINING_KEYS}
 
 
+def uses_precomputed_targets(recipe: dict[str, Any]) -> bool:
+    return recipe.get("backbone", {}).get("objective", {}).get("targets", "online") == "precomputed"
+
+
 def backbone_config(recipe: dict[str, Any], data_dir: Path, autoencoder_dir: Path, run_dir: Path, dim: int):
-    """The trainer config of stage 3: the recipe's [backbone] with the data, targets and output filled in."""
+    """The trainer config of stage 3: the recipe's [backbone] with the data, targets and output filled in
+    (precomputed targets: the generation samples come from data_dir/train_targets, see run_recipe)."""
     from blip3o_fast.training.config import config_from_dict
 
     raw = copy.deepcopy(recipe.get("backbone", {}))
     shards = [str(data_dir / "train" / "*.tar")]
-    raw.setdefault("data", {}).update(generation=shards, understanding=shards)
+    generation = [str(data_dir / "train_targets" / "*.tar")] if uses_precomputed_targets(recipe) else shards
+    raw.setdefault("data", {}).update(generation=generation, understanding=shards)
     raw.setdefault("objective", {})["autoencoder"] = str(autoencoder_dir)
     raw["objective"].setdefault("targets", "online")
     raw.setdefault("model", {}).setdefault("dit_overrides", {})["in_channels"] = dim
@@ -142,6 +150,14 @@ def run_recipe(path: str | Path, out: str | Path, quick: bool = False, overrides
     autoencoder.save_pretrained(out / "autoencoder")
     report["autoencoder_loss"] = {"first": ae_losses[0], "last": ae_losses[-1]}
     stage_done("autoencoder")
+
+    if uses_precomputed_targets(recipe):
+        from blip3o_fast.training.precompute import load_target_encoder, precompute
+
+        encoder = load_target_encoder(str(out / "autoencoder"))
+        precompute(str(data_dir / "train" / "*.tar"), data_dir / "train_targets", encoder,
+                   shard_size=s.get("shard_size", 1000), log=log)
+        stage_done("precompute")
 
     cfg = backbone_config(recipe, data_dir, out / "autoencoder", out / "backbone", autoencoder.cfg.dim)
     trainer = Trainer(cfg)

@@ -102,6 +102,29 @@ class VAELatentEncoder:
         return ((mean.float() - self.online.shift) * self.online.scaling).cpu()
 
 
+class AutoencoderFeatureEncoder:
+    """Images -> (B, 64, dim) feature tokens of a shapes autoencoder (the tiny shapes model's "CLIP
+    features"), float32 on the CPU: the same preprocessing and encoding as its online targets."""
+
+    kind = "shapes_autoencoder"
+
+    def __init__(self, folder: Path, device: str):
+        from blip3o_fast.training.targets import AutoencoderTargets
+
+        self.online = AutoencoderTargets(str(folder), device)
+        self.source = str(folder)
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.online.model.cfg
+        return {"kind": self.kind, "source": self.source, "dim": cfg.dim, "image_size": cfg.resolution}
+
+    @torch.inference_mode()
+    def encode(self, images: list[Image.Image]) -> torch.Tensor:
+        device = next(self.online.model.parameters()).device
+        pixels = torch.stack([self.online.preprocess(image) for image in images]).to(device)
+        return self.online.model.encode(pixels).float().cpu()
+
+
 def vae_folder(path: Path) -> Path | None:
     """The AutoencoderKL folder at ``path`` (or its vae/ subfolder, as in a pixel decoder's folder), else None."""
     for folder in (path, path / "vae"):
@@ -117,7 +140,8 @@ def vae_folder(path: Path) -> Path | None:
 
 def load_target_encoder(spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                         image_size: int | None = None, seed: int = 0):
-    """``tiny-eva`` (random tiny EVA tower), a diffusers AutoencoderKL folder, or an EVA-CLIP checkpoint
+    """``tiny-eva`` (random tiny EVA tower), a diffusers AutoencoderKL folder, a shapes autoencoder folder,
+    or an EVA-CLIP checkpoint
     (a .bin / .safetensors file, or a folder: jiuhai/eva_clip_vision_tower or a BLIP3o checkpoint)."""
     if spec != TINY_EVA:
         spec = os.path.abspath(spec)  # the manifest compares sources on resume
@@ -126,6 +150,10 @@ def load_target_encoder(spec: str, *, device: str = "cpu", dtype: torch.dtype = 
         folder = vae_folder(Path(spec)) if Path(spec).is_dir() else None
         if folder is not None:
             return VAELatentEncoder.load(folder, device, dtype, image_size)
+        from blip3o_fast.shapes.autoencoder import CONFIG_FILE as AUTOENCODER_CONFIG
+
+        if (Path(spec) / AUTOENCODER_CONFIG).is_file():
+            return AutoencoderFeatureEncoder(Path(spec), device)
     if image_size is not None:
         raise ValueError("image_size applies to a VAE only: the EVA tower's input size is fixed by its weights")
     return EVAFeatureEncoder.load(spec, device, dtype, seed)

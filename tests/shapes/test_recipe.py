@@ -1,0 +1,161 @@
+"""The tiny shapes recipe's model pieces: the target autoencoder, the feature -> pixel flow decoder, the
+trainer's autoencoder targets, and the --quick recipe end to end into a checkpoint BLIP3o loads and runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from blip3o_fast.shapes.autoencoder import (
+    AutoencoderConfig, ShapesAutoencoder, image_to_tensor, tensor_to_images, train_autoencoder,
+)
+from blip3o_fast.shapes.pixel_diffusion import (
+    FeatureDecoderConfig, FeatureFlowDecoder, flow_loss, is_feature_flow_decoder, train_pixel_decoder,
+)
+from blip3o_fast.shapes.world import generate
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "configs" / "tiny_shapes.toml"
+SMALL_AE = AutoencoderConfig(dim=16, channels=8)
+
+
+def shapes_images(n: int, seed: int = 3) -> torch.Tensor:
+    return torch.stack([image_to_tensor(Image.fromarray(s.image)) for s in generate(n, seed)])
+
+
+def test_autoencoder_shapes_and_layer_normed_tokens():
+    torch.manual_seed(0)
+    ae = ShapesAutoencoder(SMALL_AE)
+    x = shapes_images(3)
+    tokens = ae.encode(x)
+    assert tokens.shape == (3, 64, 16)
+    # every token normalised over its channels: the scale flow matching expects of its targets
+    torch.testing.assert_close(tokens.mean(-1), torch.zeros(3, 64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tokens.var(-1, unbiased=False), torch.ones(3, 64), atol=1e-3, rtol=0)
+    assert ae.decode(tokens).shape == (3, 3, 64, 64)
+    assert not torch.allclose(tokens[0], tokens[1])  # different images, different features
+
+
+def test_autoencoder_optimisation_lowers_loss_and_round_trips(tmp_path):
+    x = shapes_images(16)
+    torch.manual_seed(0)
+    before = F.mse_loss(ShapesAutoencoder(SMALL_AE)(x), x).item()
+    ae, losses = train_autoencoder(x, SMALL_AE, steps=8, batch_size=8, lr=3e-3, seed=0, log=None)
+    assert len(losses) == 8
+    assert F.mse_loss(ae(x), x).item() < before
+    again, again_losses = train_autoencoder(x, SMALL_AE, steps=8, batch_size=8, lr=3e-3, seed=0, log=None)
+    assert again_losses == losses  # seeded: the same run twice
+    ae.save_pretrained(tmp_path)
+    loaded = ShapesAutoencoder.from_pretrained(tmp_path)
+    assert loaded.cfg == SMALL_AE
+    torch.testing.assert_close(loaded.encode(x), ae.encode(x), rtol=0, atol=0)
+
+
+def test_image_tensor_round_trip_is_exact():
+    images = [Image.fromarray(s.image) for s in generate(2, 5)]
+    back = tensor_to_images(torch.stack([image_to_tensor(im) for im in images]))
+    for a, b in zip(images, back):
+        assert a.tobytes() == b.tobytes()
+
+
+def _decoder(seed: int = 0) -> FeatureFlowDecoder:
+    torch.manual_seed(seed)
+    return FeatureFlowDecoder(FeatureDecoderConfig(autoencoder=asdict(SMALL_AE), channels=8)).eval()
+
+
+def test_flow_decoder_sampler_shapes_and_determinism():
+    dec = _decoder()
+    feats = torch.randn(3, 64, 16)
+    a = dec.sample(feats, num_steps=3, seeds=[1, 2, 3])
+    assert a.shape == (3, 3, 64, 64) and float(a.abs().max()) <= 1.0
+    torch.testing.assert_close(dec.sample(feats, num_steps=3, seeds=[1, 2, 3]), a, rtol=0, atol=0)
+    # per-request seeds: a request's image does not depend on its batch
+    torch.testing.assert_close(dec.sample(feats[1:2], num_steps=3, seeds=[2]), a[1:2], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(dec.sample(feats, num_steps=3, seeds=[4, 5, 6]), a)
+    # CFG against negative features changes the result; 0 steps is the autoencoder decoder
+    guided = dec.sample(feats, torch.zeros(1, 64, 16), num_steps=3, guidance_scale=3.0, seeds=[1, 2, 3])
+    assert not torch.equal(guided, a)
+    torch.testing.assert_close(dec.sample(feats, num_steps=0), dec.autoencoder.decode(feats).clamp(-1, 1))
+    pil = dec.decode(feats, None, num_steps=2, seeds=[0, 1, 2])
+    assert [im.size for im in pil] == [(64, 64)] * 3
+    with pytest.raises(ValueError, match="one seed per request"):
+        dec.sample(feats, num_steps=2, seeds=[0])
+
+
+def test_flow_decoder_training_lowers_loss_and_round_trips(tmp_path):
+    x = shapes_images(8)
+    torch.manual_seed(0)
+    ae = ShapesAutoencoder(SMALL_AE).eval()
+    cfg = FeatureDecoderConfig(channels=8)
+    fixed = torch.Generator().manual_seed(7)
+    dec, losses = train_pixel_decoder(ae, x, cfg, steps=6, batch_size=8, lr=3e-3, seed=0, log=None)
+    untrained = _decoder()
+    untrained.autoencoder = ae
+    after = flow_loss(dec, x, torch.Generator().manual_seed(7)).item()
+    before = flow_loss(untrained, x, fixed).item()
+    assert after < before
+    dec.save_pretrained(tmp_path)
+    assert is_feature_flow_decoder(tmp_path)
+    loaded = FeatureFlowDecoder.from_pretrained(tmp_path)
+    feats = ae.encode(x[:2])
+    torch.testing.assert_close(loaded.sample(feats, num_steps=2, seeds=[0, 1]), dec.sample(feats, num_steps=2, seeds=[0, 1]))
+
+
+def test_trainer_uses_autoencoder_targets(tmp_path):
+    from blip3o_fast.training.config import TrainConfig
+    from blip3o_fast.training.targets import AutoencoderTargets, EVATargets, feature_targets
+
+    torch.manual_seed(0)
+    ae = ShapesAutoencoder(SMALL_AE)
+    ae.save_pretrained(tmp_path)
+    assert TrainConfig().objective.autoencoder == ""
+    assert isinstance(feature_targets("tiny", "", 0, "cpu"), EVATargets)
+    targets = feature_targets("tiny", str(tmp_path), 0, "cpu")
+    assert isinstance(targets, AutoencoderTargets) and targets.feature_dim == 16
+    image = Image.fromarray(next(generate(1, 0)).image)
+    pixels = targets.preprocess(image)[None]
+    torch.testing.assert_close(targets(pixels, ["k"], 0, 0), ae.encode(pixels), rtol=0, atol=0)
+
+
+def test_quick_recipe_end_to_end(tmp_path):
+    from blip3o_fast import BLIP3o
+    from blip3o_fast.shapes.recipe import run_recipe
+
+    report = run_recipe(RECIPE, tmp_path, quick=True, log=lambda msg: None)
+    assert set(report["seconds"]) == {"data", "autoencoder", "backbone", "pixel_decoder", "assemble",
+                                      "reconstruction_scores"}
+    assert report["reconstruction"]["ground_truth"] == 1.0
+    assert json.loads((tmp_path / "recipe.json").read_text())["quick"] is True
+    model = BLIP3o.from_pretrained(tmp_path / "model")
+    assert isinstance(model.pixel_decoder, FeatureFlowDecoder)
+    assert model.config.feature_dim == report["recipe"]["autoencoder"]["dim"]
+    images = model.generate_image(["a red circle", "two blue squares"], num_steps=2, seed=[0, 1])
+    assert [im.size for im in images] == [(64, 64)] * 2
+    again = model.generate_image(["a red circle"], num_steps=2, seed=0)
+    assert again[0].tobytes() == images[0].tobytes()
+    answers = model.generate_text(["What colour is the circle?"], images=[[images[0]]], max_new_tokens=4)
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_quick_recipe_with_precomputed_targets(tmp_path):
+    from blip3o_fast import BLIP3o
+    from blip3o_fast.data import GENERATION, WebDataset
+    from blip3o_fast.shapes.recipe import run_recipe
+
+    report = run_recipe(RECIPE, tmp_path, quick=True, log=lambda msg: None,
+                        overrides=['backbone.objective.targets="precomputed"'])
+    assert "precompute" in report["seconds"]
+    ae = ShapesAutoencoder.from_pretrained(tmp_path / "autoencoder")
+    sample = next(iter(WebDataset(str(tmp_path / "data" / "train_targets" / "*.tar"), tasks=(GENERATION,),
+                                  shuffle_shards=False, decode_target_image=False)))
+    source = next(iter(WebDataset(str(tmp_path / "data" / "train" / "*.tar"), tasks=(GENERATION,),
+                                  shuffle_shards=False)))
+    assert sample.caption == source.caption
+    torch.testing.assert_close(sample.target, ae.encode(image_to_tensor(source.image)[None])[0])
+    assert BLIP3o.from_pretrained(tmp_path / "model").config.dit.in_channels == ae.cfg.dim

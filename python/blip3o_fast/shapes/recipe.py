@@ -36,8 +36,8 @@ from blip3o_fast.shapes.autoencoder import (
 )
 from blip3o_fast.shapes.pixel_diffusion import FeatureDecoderConfig, FeatureFlowDecoder, train_pixel_decoder
 
-SECTIONS = ("shapes", "autoencoder", "pixel_decoder", "backbone", "quick")
-TRAINING_KEYS = ("steps", "batch_size", "lr", "seed")  # of [autoencoder] / [pixel_decoder], not model settings
+SECTIONS = ("shapes", "autoencoder", "pixel_decoder", "init", "backbone", "quick")
+TRAINING_KEYS = ("steps", "batch_size", "lr", "seed", "object_weight")  # of [autoencoder] / [pixel_decoder], not model settings
 
 
 def load_recipe(path: str | Path, quick: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -72,9 +72,37 @@ def uses_precomputed_targets(recipe: dict[str, Any]) -> bool:
     return recipe.get("backbone", {}).get("objective", {}).get("targets", "online") == "precomputed"
 
 
-def backbone_config(recipe: dict[str, Any], data_dir: Path, autoencoder_dir: Path, run_dir: Path, dim: int):
-    """The trainer config of stage 3: the recipe's [backbone] with the data, targets and output filled in
-    (precomputed targets: the generation samples come from data_dir/train_targets, see run_recipe)."""
+def write_initial_model(recipe: dict[str, Any], folder: Path) -> str:
+    """The backbone's starting point. A tiny:<backbone> source is built here, adapted by [init] for
+    from-scratch training on 64x64 images, and written to `folder` (returned as the trainer's source):
+    min_pixels raises the image processor's floor (64x64 gives only 4 vision tokens; 112*112 gives 16),
+    embedding_std re-draws the tied embeddings (N(0, 1) rows make the first text CE about 57 per token).
+    Any other source is returned unchanged."""
+    from blip3o_fast.training.model import TINY_PREFIX
+    from blip3o_fast.tiny import tiny_model
+
+    model_section = recipe.get("backbone", {}).get("model", {})
+    source = model_section.get("source", "tiny:qwen2_5_vl")
+    init = recipe.get("init", {})
+    if not source.startswith(TINY_PREFIX) or not init:
+        return source
+    model = tiny_model(source[len(TINY_PREFIX):], seed=model_section.get("seed", 0))
+    if "min_pixels" in init and model.image_processor is not None:
+        model.image_processor.min_pixels = int(init["min_pixels"])
+    if "embedding_std" in init:
+        generator = torch.Generator().manual_seed(model_section.get("seed", 0))
+        embeddings = model.network.model.embed_tokens.weight
+        with torch.no_grad():
+            embeddings.copy_(torch.randn(embeddings.shape, generator=generator) * float(init["embedding_std"]))
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def backbone_config(recipe: dict[str, Any], data_dir: Path, autoencoder_dir: Path, run_dir: Path, dim: int,
+                    source: str | None = None):
+    """The trainer config of stage 3: the recipe's [backbone] with the data, targets, output and (when
+    given) model source filled in (precomputed targets: the generation samples come from
+    data_dir/train_targets, see run_recipe)."""
     from blip3o_fast.training.config import config_from_dict
 
     raw = copy.deepcopy(recipe.get("backbone", {}))
@@ -84,6 +112,8 @@ def backbone_config(recipe: dict[str, Any], data_dir: Path, autoencoder_dir: Pat
     raw.setdefault("objective", {})["autoencoder"] = str(autoencoder_dir)
     raw["objective"].setdefault("targets", "online")
     raw.setdefault("model", {}).setdefault("dit_overrides", {})["in_channels"] = dim
+    if source is not None:
+        raw["model"]["source"] = source
     raw.setdefault("train", {}).update(output_dir=str(run_dir), resume="none")
     cfg = config_from_dict(raw)
     cfg.validate()
@@ -159,7 +189,8 @@ def run_recipe(path: str | Path, out: str | Path, quick: bool = False, overrides
                    shard_size=s.get("shard_size", 1000), log=log)
         stage_done("precompute")
 
-    cfg = backbone_config(recipe, data_dir, out / "autoencoder", out / "backbone", autoencoder.cfg.dim)
+    source = write_initial_model(recipe, out / "init")
+    cfg = backbone_config(recipe, data_dir, out / "autoencoder", out / "backbone", autoencoder.cfg.dim, source)
     trainer = Trainer(cfg)
     try:
         history = trainer.fit().history

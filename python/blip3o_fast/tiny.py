@@ -1,8 +1,9 @@
-"""The embedded default model: the full BLIP3-o architecture at toy size, built from a fixed seed.
+"""The tiny random model: the full BLIP3-o architecture at toy size, built from a fixed seed.
 
 No download and no file: the tokenizer is trained on a fixed corpus and the weights come from the
 seed, so every machine builds the same model. Its weights are random, so its images and answers are
-noise; it exists to run every stage of the engine end to end (README's first command, tests).
+noise; it exists to run every stage of the engine end to end (tests, `--model tiny`) and is the starting
+point of the shapes recipe. The trained model the README's demo runs ships in blip3o_fast.weights.
 """
 
 from __future__ import annotations

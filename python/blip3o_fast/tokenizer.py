@@ -7,7 +7,7 @@ tokenizer has [IMG] at 151665, the tiny one at a few hundred.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -112,9 +112,11 @@ def user_message(text: str, num_images: int = 0) -> list[dict[str, Any]]:
     return [{"role": "user", "content": parts}]
 
 
-def build_tiny_tokenizer(backbone: str = "qwen2_5_vl", vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on a fixed corpus, with the backbone's special tokens,
-    chat template and BLIP3-o's three added tokens. Deterministic: no download, no randomness."""
+def build_tiny_tokenizer(backbone: str = "qwen2_5_vl", vocab_size: int = 320,
+                         corpus: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a fixed corpus (`corpus`, default a built-in paragraph),
+    with the backbone's special tokens, chat template and BLIP3-o's three added tokens.
+    Deterministic: no download, no randomness."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if backbone not in _SPECIALS:
@@ -129,7 +131,7 @@ def build_tiny_tokenizer(backbone: str = "qwen2_5_vl", vocab_size: int = 320) ->
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    core.train_from_iterator([_TINY_CORPUS], trainer)
+    core.train_from_iterator(list(corpus) if corpus is not None else [_TINY_CORPUS], trainer)
     if backbone == "qwen2_5_vl":
         tok = PreTrainedTokenizerFast(
             tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN_CHAT_TEMPLATE

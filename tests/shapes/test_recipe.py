@@ -85,10 +85,43 @@ def test_initial_model_adapts_the_tiny_source(tmp_path):
     assert int(grid_thw.prod()) // merge == 16  # 64x64 -> 112x112 -> 16 vision tokens (4 by default)
     std = float(model.network.model.embed_tokens.weight.detach().std())
     assert abs(std - recipe["init"]["embedding_std"]) < 0.005
+    std = float(model.network.model.latent_queries.detach().std())
+    assert abs(std - recipe["init"]["query_std"]) < 0.005
+    for section, cfg in (("text", model.config.text), ("dit", model.config.dit)):
+        for key, value in recipe["init"][section].items():
+            assert getattr(cfg, key) == value, (section, key)
+    assert model.config.vision.out_hidden_size == model.config.dit.caption_dim == recipe["init"]["text"]["hidden_size"]
+    # the shapes tokenizer: every word of a caption prompt is one token
+    caption = "two purple triangles on the left"
+    assert len(model.tokenizer(" " + caption, add_special_tokens=False)["input_ids"]) == len(caption.split())
     assert write_initial_model({**recipe, "init": {}}, tmp_path / "unused") == "tiny:qwen2_5_vl"
     assert not (tmp_path / "unused").exists()
     folder = {"backbone": {"model": {"source": "/some/checkpoint"}}, "init": recipe["init"]}
     assert write_initial_model(folder, tmp_path / "unused") == "/some/checkpoint"
+
+
+def test_initial_config_rejects_bad_sizes():
+    from blip3o_fast.shapes.recipe import initial_config
+
+    with pytest.raises(ValueError, match="mrope_section"):
+        initial_config("qwen2_5_vl", {"text": {"hidden_size": 96}}, 512)  # [2, 3, 3] no longer sums to 12
+    with pytest.raises(ValueError, match=r"\[init\].*hidden_sise"):
+        initial_config("qwen2_5_vl", {"dit": {"hidden_sise": 96}}, 512)
+    with pytest.raises(ValueError, match="no vision tower"):
+        initial_config("llama3", {"vision": {"depth": 3}}, 512)
+
+
+def test_latent_noise_makes_the_decoder_robust():
+    """Same data, steps and seed: the decoder trained on noisy tokens reconstructs noisy tokens better."""
+    x = shapes_images(16)
+    noisy_error = {}
+    for noise in (0.0, 0.5):
+        ae, _ = train_autoencoder(x, SMALL_AE, steps=60, batch_size=8, lr=3e-3, latent_noise=noise, log=None)
+        with torch.no_grad():
+            z = ae.encode(x)
+            z = z + 0.5 * torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+            noisy_error[noise] = float(F.mse_loss(ae.decode(z), x))
+    assert noisy_error[0.5] < noisy_error[0.0]
 
 
 def test_image_tensor_round_trip_is_exact():

@@ -124,3 +124,13 @@ def test_other_image_sizes():
     assert image.shape == (96, 96, 3)
     found = analyse(image).objects
     assert [(o.shape, o.colour, o.position) for o in found] == [("square", "red", "left")] * 2
+
+
+def test_tokenizer_corpus_is_deterministic_and_covers_the_words():
+    from blip3o_fast.shapes.world import BACKGROUNDS, COLOURS, NUMBER_WORDS, SHAPES, tokenizer_corpus
+
+    corpus = tokenizer_corpus(200)
+    assert corpus == tokenizer_corpus(200)
+    words = set(" ".join(corpus).replace("?", " ").replace(",", " ").split())
+    needed = set(COLOURS) | set(BACKGROUNDS) | set(SHAPES) | {s + "s" for s in SHAPES} | set(NUMBER_WORDS[1:])
+    assert needed <= words

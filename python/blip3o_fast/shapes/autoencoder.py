@@ -136,12 +136,15 @@ def object_weights(images: torch.Tensor, object_weight: float, threshold: float 
 
 def train_autoencoder(
     images: torch.Tensor, cfg: AutoencoderConfig, steps: int, batch_size: int = 32, lr: float = 2e-3,
-    seed: int = 0, object_weight: float = 0.0, log: Callable[[str], None] | None = print, log_every: int = 50,
+    seed: int = 0, object_weight: float = 0.0, latent_noise: float = 0.0, log: Callable[[str], None] | None = print,
+    log_every: int = 50,
 ) -> tuple[ShapesAutoencoder, list[float]]:
     """Pixel MSE weighted toward objects (object_weights; 0: plain MSE), AdamW with cosine decay; batches
     drawn with replacement from `images` by a seeded generator, so a run is a function of (images, cfg,
-    steps, batch_size, lr, seed, object_weight). Returns the model (eval mode, frozen) and the loss of
-    every step."""
+    steps, batch_size, lr, seed, object_weight, latent_noise). latent_noise: the decoder reconstructs
+    from the tokens plus N(0, latent_noise^2) noise, so the encoder keeps its codes that far apart and the
+    decoder turns features near a code (what a generator produces) into the clean image. Returns the model
+    (eval mode, frozen) and the loss of every step."""
     torch.manual_seed(seed)
     model = ShapesAutoencoder(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -152,7 +155,10 @@ def train_autoencoder(
     for step in range(steps):
         x = images[torch.randint(len(images), (batch_size,), generator=g)]
         w = object_weights(x, object_weight)
-        loss = (w * (model(x) - x).square()).sum() / (w.sum() * x.shape[1])
+        z = model.encode(x)
+        if latent_noise:
+            z = z + latent_noise * torch.randn(z.shape, generator=g)
+        loss = (w * (model.decode(z) - x).square()).sum() / (w.sum() * x.shape[1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

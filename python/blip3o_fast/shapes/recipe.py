@@ -37,7 +37,8 @@ from blip3o_fast.shapes.autoencoder import (
 from blip3o_fast.shapes.pixel_diffusion import FeatureDecoderConfig, FeatureFlowDecoder, train_pixel_decoder
 
 SECTIONS = ("shapes", "autoencoder", "pixel_decoder", "init", "backbone", "quick")
-TRAINING_KEYS = ("steps", "batch_size", "lr", "seed", "object_weight")  # of [autoencoder] / [pixel_decoder], not model settings
+# Keys of [autoencoder] / [pixel_decoder] that are training settings, not model settings.
+TRAINING_KEYS = ("steps", "batch_size", "lr", "seed", "object_weight", "latent_noise")
 
 
 def load_recipe(path: str | Path, quick: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -72,28 +73,71 @@ def uses_precomputed_targets(recipe: dict[str, Any]) -> bool:
     return recipe.get("backbone", {}).get("objective", {}).get("targets", "online") == "precomputed"
 
 
+def initial_config(backbone: str, init: dict[str, Any], vocab_size: int):
+    """BLIP3oConfig.tiny(backbone) with [init.text] / [init.vision] / [init.dit] fields replaced: the widths
+    and depths of the shapes model. The vision tower's output and the DiT's caption input follow the text
+    width."""
+    import dataclasses
+
+    from blip3o_fast.models.config import BLIP3oConfig
+
+    cfg = BLIP3oConfig.tiny(backbone, vocab_size=vocab_size)
+    try:
+        cfg.text = dataclasses.replace(cfg.text, **init.get("text", {}))
+        if cfg.vision is not None:
+            vision = {"out_hidden_size": cfg.text.hidden_size, **init.get("vision", {})}
+            cfg.vision = dataclasses.replace(cfg.vision, **vision)
+        elif init.get("vision"):
+            raise ValueError(f"[init.vision] given, but the {backbone} backbone has no vision tower")
+        cfg.dit = dataclasses.replace(cfg.dit, **{"caption_dim": cfg.text.hidden_size, **init.get("dit", {})})
+    except TypeError as exc:  # an unknown field name
+        raise ValueError(f"[init]: {exc}") from exc
+    if cfg.text.mrope_section is not None and 2 * sum(cfg.text.mrope_section) != cfg.text.dim_per_head:
+        raise ValueError(f"[init.text] mrope_section {cfg.text.mrope_section} must sum to head_dim / 2 = "
+                         f"{cfg.text.dim_per_head // 2}")
+    return cfg
+
+
 def write_initial_model(recipe: dict[str, Any], folder: Path) -> str:
     """The backbone's starting point. A tiny:<backbone> source is built here, adapted by [init] for
     from-scratch training on 64x64 images, and written to `folder` (returned as the trainer's source):
-    min_pixels raises the image processor's floor (64x64 gives only 4 vision tokens; 112*112 gives 16),
-    embedding_std re-draws the tied embeddings (N(0, 1) rows make the first text CE about 57 per token).
+    [init.text] / [init.vision] / [init.dit] set the model's sizes (initial_config); tokenizer = "shapes"
+    trains the BPE tokenizer (vocab_size ids) on the shapes world's text, so each of its words is one
+    token (the tiny tokenizer spells "orange" in four pieces; a caption prompt took ~95 tokens, now ~38);
+    min_pixels raises the image processor's floor (64x64 gives only 4 vision tokens; 112*112 gives 16);
+    embedding_std re-draws the tied embeddings (N(0, 1) rows make the first text CE about 57 per token);
+    query_std re-draws the latent queries (the release's N(0, 1) queries swamp the caption in their residual stream: at the
+    tiny size their final states then vary ~3% across captions and the DiT learns to ignore them).
     Any other source is returned unchanged."""
+    from blip3o_fast.models.blip3o import BLIP3o
     from blip3o_fast.training.model import TINY_PREFIX
-    from blip3o_fast.tiny import tiny_model
+    from blip3o_fast.tokenizer import build_tiny_tokenizer
 
     model_section = recipe.get("backbone", {}).get("model", {})
     source = model_section.get("source", "tiny:qwen2_5_vl")
     init = recipe.get("init", {})
     if not source.startswith(TINY_PREFIX) or not init:
         return source
-    model = tiny_model(source[len(TINY_PREFIX):], seed=model_section.get("seed", 0))
+    backbone, seed = source[len(TINY_PREFIX):], model_section.get("seed", 0)
+    kind = init.get("tokenizer", "tiny")
+    if kind == "shapes":
+        from blip3o_fast.shapes.world import tokenizer_corpus
+
+        tokenizer = build_tiny_tokenizer(backbone, int(init.get("vocab_size", 512)), tokenizer_corpus())
+    elif kind == "tiny":
+        tokenizer = build_tiny_tokenizer(backbone)
+    else:
+        raise ValueError(f"[init] tokenizer must be tiny or shapes, got {kind!r}")
+    cfg = initial_config(backbone, init, ((len(tokenizer) + 63) // 64) * 64)
+    model = BLIP3o.from_config(cfg, seed=seed, tokenizer=tokenizer)
     if "min_pixels" in init and model.image_processor is not None:
         model.image_processor.min_pixels = int(init["min_pixels"])
-    if "embedding_std" in init:
-        generator = torch.Generator().manual_seed(model_section.get("seed", 0))
-        embeddings = model.network.model.embed_tokens.weight
-        with torch.no_grad():
-            embeddings.copy_(torch.randn(embeddings.shape, generator=generator) * float(init["embedding_std"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, param in (("embedding_std", model.network.model.embed_tokens.weight),
+                           ("query_std", model.network.model.latent_queries)):
+            if key in init:
+                param.copy_(torch.randn(param.shape, generator=generator) * float(init[key]))
     model.save_pretrained(folder)
     return str(folder)
 

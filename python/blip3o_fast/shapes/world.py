@@ -403,3 +403,18 @@ def generate(n: int, seed: int, width: int = 64, height: int | None = None, pref
         rng = np.random.default_rng([seed, i])
         scene = sample_scene(rng, width, height)
         yield WorldSample(f"{prefix}{i:06d}", scene, render(scene), sample_questions(scene, rng))
+
+
+def tokenizer_corpus(n: int = 500, seed: int = 0) -> list[str]:
+    """Text the shapes model's tokenizer is trained on (blip3o_fast.tokenizer.build_tiny_tokenizer): the
+    captions, questions and answers of n scenes and the fixed prompt and chat-role words around them, so that every word
+    of the world becomes one token. Deterministic (specs and questions only, nothing is rendered)."""
+    from blip3o_fast.tokenizer import GENERATION_INSTRUCTION
+
+    lines = [GENERATION_INSTRUCTION.format(""), "You are a helpful assistant.", "system\nuser\nassistant\n"] * 50
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        scene = sample_scene(rng)
+        lines.append(scene.caption)
+        lines += [f"{q} {a}" for _, q, a in sample_questions(scene, rng)]
+    return lines

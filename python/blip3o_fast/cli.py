@@ -1,7 +1,7 @@
 """The `blip3o-fast` console command: demo, generate, chat, edit, precompute, train.
 
---model takes a checkpoint folder, or `tiny` / `tiny-llama3` for the embedded models built from a
-fixed seed (no download).
+--model takes a checkpoint folder, the name of a checkpoint shipped with the package (`tiny-shapes`, trained
+on the shapes world), or `tiny` / `tiny-llama3` for the random models built from a fixed seed (no download).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 EMBEDDED = {"tiny": "qwen2_5_vl", "tiny-qwen2_5_vl": "qwen2_5_vl", "tiny-llama3": "llama3"}
+DEMO_PROMPTS = ("a red circle", "a blue square on the left", "two yellow triangles",
+                "a green circle above a purple square")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
 
@@ -64,28 +66,44 @@ def _save(images, out: str) -> list[str]:
     return paths
 
 
+def _describe(analysis) -> str:
+    objects = ", ".join(f"{o.colour} {o.shape} ({o.position})" for o in analysis.objects)
+    return f"{analysis.background} background; {objects or 'no objects'}"
+
+
 def cmd_demo(args) -> None:
-    """The main job on the embedded default: a caption -> image, and a question about that image."""
+    """The main job on a model that ships with the package (default tiny-shapes, no downloads): captions ->
+    images, then questions about a held-out scene, each stage timed; the shapes analyser reads the images."""
     import torch
+    from PIL import Image
 
     from blip3o_fast.ops import available_backends
-    from blip3o_fast.tiny import tiny_model
+    from blip3o_fast.shapes.analyser import analyse
+    from blip3o_fast.shapes.world import generate
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     watch = Stopwatch()
-    model = tiny_model("qwen2_5_vl", seed=args.seed)
+    model = _load(args.model, "cpu", "float32")
     print(f"backends built: {', '.join(available_backends())}")
-    watch.lap("built the embedded tiny BLIP3-o (Qwen2.5-VL backbone, random weights from a fixed seed)")
-    features = model.generate_image_features([args.prompt], num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
-    watch.lap(f"text -> CLIP features {tuple(features.shape)}: backbone prefill + {args.steps}-step flow-matching DiT sampler")
-    images = model.decode_features(features, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    watch.lap(f"loaded {args.model}")
+    prompts = args.prompt or DEMO_PROMPTS
+    images = model.generate_image(prompts, num_steps=args.steps, guidance_scale=args.guidance,
+                                  seed=[args.seed + i for i in range(len(prompts))])
     paths = _save(images, args.out)
-    watch.lap(f"CLIP features -> pixels: diffusion decoder + VAE, wrote {', '.join(paths)}")
-    answer = model.generate_text([args.question], images=[[images[0]]], max_new_tokens=args.max_new_tokens)[0]
-    watch.lap("image -> text: vision tower + paged-KV engine, greedy decoding")
-    print(f"prompt:   {args.prompt!r}\nimage:    {paths[0]} ({images[0].size[0]}x{images[0].size[1]})")
-    print(f"question: {args.question!r}\nanswer:   {answer!r}")
-    print("(random weights: the image is noise and the answer is gibberish; the stages and their times are real)")
+    watch.lap(f"text -> image for {len(prompts)} prompts: backbone prefill, {args.steps}-step flow-matching DiT "
+              f"sampler (guidance {args.guidance}), pixel decoder")
+    for prompt, image, path in zip(prompts, images, paths):
+        print(f"  {prompt!r:44} -> {path}   analyser reads: {_describe(analyse(image))}")
+    scene = next(iter(generate(1, args.scene_seed, prefix="demo-")))
+    scene_path = Path(args.out).with_name("scene.png")
+    Image.fromarray(scene.image).save(scene_path)
+    questions = [q for _, q, _ in scene.questions]
+    answers = model.generate_text(questions, images=[[Image.fromarray(scene.image)]] * len(questions),
+                                  max_new_tokens=args.max_new_tokens)
+    watch.lap(f"image -> text for {len(questions)} questions: vision tower + paged-KV engine, greedy decoding")
+    print(f"  scene {scene_path}: {scene.caption!r}")
+    for (_, question, truth), answer in zip(scene.questions, answers):
+        print(f"  {question!r:40} -> {answer!r:16} (true: {truth!r})")
 
 
 def cmd_generate(args) -> None:
@@ -197,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, model=True):
         if model:
-            p.add_argument("--model", default="tiny", help="checkpoint folder, or tiny / tiny-llama3 (embedded)")
+            p.add_argument("--model", default="tiny", help="checkpoint folder, tiny-shapes (shipped), or tiny / tiny-llama3")
             p.add_argument("--device", default="cpu")
             p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
         p.add_argument("--seed", type=int, default=0)
@@ -206,12 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=30, help="flow-matching steps of the DiT sampler")
         p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
 
-    demo = sub.add_parser("demo", help="the main job on the embedded default model (no downloads)")
+    demo = sub.add_parser("demo", help="the main job on the shipped tiny-shapes model (no downloads)")
     common(demo, model=False)
     sampling(demo)
-    demo.add_argument("--prompt", default="a red circle on the left")
-    demo.add_argument("--question", default="What colour is the shape?")
-    demo.add_argument("--max-new-tokens", type=int, default=16)
+    demo.add_argument("--model", default="tiny-shapes", help="a shipped checkpoint (tiny-shapes), folder, or tiny")
+    demo.add_argument("--prompt", action="append",
+                      help=f"a caption (repeatable; default: {'; '.join(DEMO_PROMPTS)})")
+    demo.add_argument("--scene-seed", type=int, default=7, help="seed of the held-out scene the questions are about")
+    demo.add_argument("--max-new-tokens", type=int, default=8)
     demo.add_argument("--out", default="out/demo.png")
     demo.set_defaults(func=cmd_demo)
 

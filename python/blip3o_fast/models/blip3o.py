@@ -169,10 +169,18 @@ class BLIP3o:
     def from_pretrained(
         cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> "BLIP3o":
-        """A published BLIP3o folder, or a plain transformers LLaMA 3 / Qwen2.5-VL folder."""
+        """A published BLIP3o folder, a plain transformers LLaMA 3 / Qwen2.5-VL folder, or the name of a
+        checkpoint shipped with the package (blip3o_fast.weights.SHIPPED: "tiny-shapes")."""
+        from blip3o_fast.weights import SHIPPED, shipped_folder
+
         folder = Path(path)
         if not folder.is_dir():
-            raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+            shipped = shipped_folder(str(path))
+            if shipped is None:
+                raise FileNotFoundError(
+                    f"checkpoint folder not found: {folder} (shipped checkpoints: {', '.join(SHIPPED)})"
+                )
+            folder = shipped
         config_file = folder / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in {folder}")

@@ -407,8 +407,8 @@ def generate(n: int, seed: int, width: int = 64, height: int | None = None, pref
 
 def tokenizer_corpus(n: int = 500, seed: int = 0) -> list[str]:
     """Text the shapes model's tokenizer is trained on (blip3o_fast.tokenizer.build_tiny_tokenizer): the
-    captions, questions and answers of n scenes and the fixed prompt and chat-role words around them, so that every word
-    of the world becomes one token. Deterministic (specs and questions only, nothing is rendered)."""
+    captions, questions and answers of n scenes and the fixed prompt and chat-role words around them, so
+    that every word of the world becomes one token. Deterministic (specs and questions only, no pixels)."""
     from blip3o_fast.tokenizer import GENERATION_INSTRUCTION
 
     lines = [GENERATION_INSTRUCTION.format(""), "You are a helpful assistant.", "system\nuser\nassistant\n"] * 50

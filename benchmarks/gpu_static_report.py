@@ -165,15 +165,7 @@ def triton_configs() -> list[Config]:
         p = f"*{dt}"
         for n in LLM_N:
             bm, bn = rn.row_blocks(n)
-            warps = rn.num_warps_for(bm * bn)
-            ce = {"BLOCK_M": bm, "BLOCK_N": bn}
-            out.append(Config("rms_norm", "rms_norm_fwd_kernel", f"{dt} N={n}", _sig(
-                {"x_ptr": p, "w_ptr": p, "out_ptr": p, "rstd_ptr": "*fp32", "rows": "i32", "N": "i32",
-                 "eps": "fp32"}, ce), ce, warps, ["x_ptr", "w_ptr", "out_ptr", "rstd_ptr", "rows", "N"]))
-            out.append(Config("rms_norm", "rms_norm_bwd_kernel", f"{dt} N={n}", _sig(
-                {"dy_ptr": p, "x_ptr": p, "w_ptr": p, "rstd_ptr": "*fp32", "dx_ptr": p, "dw_part_ptr": "*fp32",
-                 "rows": "i32", "N": "i32"}, ce), ce, warps,
-                ["dy_ptr", "x_ptr", "w_ptr", "rstd_ptr", "dx_ptr", "dw_part_ptr", "rows", "N"]))
+            out += _norm_configs(dt, n, {"BLOCK_M": bm, "BLOCK_N": bn}, f"{dt} N={n}", residual=False)
         bm, bn = rn.row_blocks(DIT_N)
         warps = rn.num_warps_for(bm * bn)
         ce = {"BLOCK_M": bm, "BLOCK_N": bn}
@@ -423,25 +415,35 @@ def _residual_rms_norm_configs() -> list[Config]:
 
     out: list[Config] = []
     for dt in DTYPES:
-        p = f"*{dt}"
         for n in (896, *LLM_N):
             bm_full, bn = rn.row_blocks(n)
             for rows in sorted({ROWS, 1}):
                 bm = min(bm_full, 1 << (rows - 1).bit_length())
-                ce = {"BLOCK_M": bm, "BLOCK_N": bn}
-                warps = rn.num_warps_for(bm * bn)
                 label = f"{dt} N={n} rows={rows}"
-                ptrs = ["x_ptr", "r_ptr", "w_ptr", "out_ptr", "s_ptr"]
-                sig = {k: p for k in ptrs} | {"rstd_ptr": "*fp32", "rows": "i32", "N": "i32", "eps": "fp32"}
-                out.append(Config("residual_rms_norm", "residual_rms_norm_fwd_kernel", label, _sig(sig, ce), ce, warps,
-                                  ptrs + ["rstd_ptr", "rows", "N"]))
-                if rows == ROWS:
-                    ptrs = ["dy_ptr", "dres_ptr", "s_ptr", "w_ptr", "ds_ptr"]
-                    sig = {k: p for k in ptrs} | {"rstd_ptr": "*fp32", "dw_part_ptr": "*fp32", "rows": "i32",
-                                                  "N": "i32"}
-                    out.append(Config("residual_rms_norm", "residual_rms_norm_bwd_kernel", label, _sig(sig, ce), ce,
-                                      warps, ptrs + ["rstd_ptr", "dw_part_ptr", "rows", "N"]))
+                configs = _norm_configs(dt, n, {"BLOCK_M": bm, "BLOCK_N": bn}, label, residual=True)
+                out += configs if rows == ROWS else configs[:1]
     return out
+
+
+def _norm_configs(dt: str, n: int, blocks: dict, label: str, residual: bool) -> list[Config]:
+    """kernels/rms_norm.py's forward and backward at one tile, for ops.rms_norm (residual False: the residual
+    pointers are placeholders) or ops.residual_rms_norm (HAS_RESIDUAL)."""
+    from blip3o_fast.kernels import rms_norm as rn
+
+    p = f"*{dt}"
+    ce = {"HAS_RESIDUAL": residual, **blocks}
+    warps = rn.num_warps_for(blocks["BLOCK_M"] * blocks["BLOCK_N"])
+    label = f"{label}{' +residual' if residual else ''}"
+    fwd = ["x_ptr", "r_ptr", "w_ptr", "out_ptr", "s_ptr"]
+    bwd = ["dy_ptr", "dres_ptr", "x_ptr", "w_ptr", "dx_ptr"]
+    return [
+        Config("rms_norm", "rms_norm_fwd_kernel", label, _sig(
+            {k: p for k in fwd} | {"rstd_ptr": "*fp32", "rows": "i32", "N": "i32", "eps": "fp32"}, ce), ce, warps,
+            fwd + ["rstd_ptr", "rows", "N"]),
+        Config("rms_norm", "rms_norm_bwd_kernel", label, _sig(
+            {k: p for k in bwd} | {"rstd_ptr": "*fp32", "dw_part_ptr": "*fp32", "rows": "i32", "N": "i32"}, ce), ce,
+            warps, bwd + ["rstd_ptr", "dw_part_ptr", "rows", "N"]),
+    ]
 
 
 def _sample_tokens_configs() -> list[Config]:

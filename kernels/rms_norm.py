@@ -1,7 +1,9 @@
 """RMSNorm Triton kernels: the Triton face of blip3o_fast.ops.rms_norm (contract in its docstring).
 
 Forward: each program normalises BLOCK_M whole rows held in registers (BLOCK_N = next pow2 of N),
-math in fp32, one rounding at the store. Backward: each of a fixed number of programs walks a fixed
+math in fp32, one rounding at the store. The same two kernels serve ops.residual_rms_norm
+(kernels/residual_rms_norm.py) with HAS_RESIDUAL set: the residual add before the norm, its gradient
+added to dx. Backward: each of a fixed number of programs walks a fixed
 set of row blocks, writes dx, and keeps a private fp32 partial of dweight; a second kernel sums the
 partials in a fixed order, so dweight is bit-identical run to run (no float atomics).
 The launch heuristics below (tile size, warps, persistent grid, sum_partials) are shared by the
@@ -20,9 +22,11 @@ import triton.language as tl
 
 @triton.jit
 def rms_norm_fwd_kernel(
-    x_ptr, w_ptr, out_ptr, rstd_ptr, rows, N, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, rstd_ptr, rows, N, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """HAS_RESIDUAL (ops.residual_rms_norm): x + r is rounded to the storage dtype, stored at s and
+    normalised as rounded; otherwise r_ptr and s_ptr are not touched."""
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.arange(0, BLOCK_N)
     row_ok = row < rows
@@ -30,6 +34,11 @@ def rms_norm_fwd_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     offs = row[:, None] * N + col[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(s_ptr.dtype.element_ty)  # the new residual stream, rounded once
+        tl.store(s_ptr + offs, s, mask=mask)
+        x = s.to(tl.float32)
     w = tl.load(w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
     y = x * rstd[:, None] * w[None, :]
@@ -39,9 +48,11 @@ def rms_norm_fwd_kernel(
 
 @triton.jit
 def rms_norm_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, rows, N,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    dy_ptr, dres_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, rows, N,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """HAS_RESIDUAL: x is the residual stream s and dres (its incoming gradient) joins dx before the one
+    rounding; otherwise dres_ptr is not touched."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     col = tl.arange(0, BLOCK_N)
@@ -60,6 +71,8 @@ def rms_norm_bwd_kernel(
         g = dy * w[None, :]
         c = tl.sum(g * xhat, axis=1) / N
         dx = rstd[:, None] * (g - xhat * c[:, None])
+        if HAS_RESIDUAL:
+            dx += tl.load(dres_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
     tl.store(dw_part_ptr + pid.to(tl.int64) * N + col, dw, mask=col_ok)
@@ -129,20 +142,24 @@ def sum_partials(part: torch.Tensor, out: torch.Tensor) -> None:
                               num_warps=num_warps_for(block_p * block_n))
 
 
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, rstd: torch.Tensor, eps: float) -> None:
+def norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
+             new_residual: torch.Tensor | None, rstd: torch.Tensor, eps: float) -> None:
+    """The launcher of rms_norm_fwd_kernel for ops.rms_norm (residual None) and ops.residual_rms_norm."""
     rows, n = x.shape
     if rows == 0:
         return
     block_m, block_n = row_blocks(n)
     block_m = min(block_m, triton.next_power_of_2(rows))
     grid = (triton.cdiv(rows, block_m),)
-    rms_norm_fwd_kernel[grid](x, weight, out, rstd, rows, n, eps, BLOCK_M=block_m, BLOCK_N=block_n,
+    has_residual = residual is not None
+    rms_norm_fwd_kernel[grid](x, residual if has_residual else x, weight, out, new_residual if has_residual else out,
+                              rstd, rows, n, eps, HAS_RESIDUAL=has_residual, BLOCK_M=block_m, BLOCK_N=block_n,
                               num_warps=num_warps_for(block_m * block_n))
 
 
-def rms_norm_bwd(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dx: torch.Tensor, dweight: torch.Tensor
-) -> None:
+def norm_bwd(dy: torch.Tensor, dres: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+             dx: torch.Tensor, dweight: torch.Tensor) -> None:
+    """The launcher of rms_norm_bwd_kernel (dres None: plain RMSNorm) and the deterministic dweight sum."""
     rows, n = x.shape
     if rows == 0:
         dweight.zero_()
@@ -151,6 +168,18 @@ def rms_norm_bwd(
     block_m = min(block_m, triton.next_power_of_2(rows))
     nprog = persistent_programs(x.device, triton.cdiv(rows, block_m))
     part = torch.empty((nprog, n), dtype=torch.float32, device=x.device)
-    rms_norm_bwd_kernel[(nprog,)](dy, x, weight, rstd, dx, part, rows, n, BLOCK_M=block_m, BLOCK_N=block_n,
+    has_residual = dres is not None
+    rms_norm_bwd_kernel[(nprog,)](dy, dres if has_residual else dy, x, weight, rstd, dx, part, rows, n,
+                                  HAS_RESIDUAL=has_residual, BLOCK_M=block_m, BLOCK_N=block_n,
                                   num_warps=num_warps_for(block_m * block_n))
     sum_partials(part.view(1, nprog, n), dweight.view(1, n))
+
+
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, rstd: torch.Tensor, eps: float) -> None:
+    norm_fwd(x, None, weight, out, None, rstd, eps)
+
+
+def rms_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dx: torch.Tensor, dweight: torch.Tensor
+) -> None:
+    norm_bwd(dy, None, x, weight, rstd, dx, dweight)

@@ -13,7 +13,12 @@ from blip3o_fast.models.config import BLIP3oConfig
 from blip3o_fast.tokenizer import build_tiny_tokenizer
 
 
+def embedding_rows(tokenizer) -> int:
+    """The tokenizer's size rounded up to a multiple of 64, as Qwen pads its embedding matrices."""
+    return ((len(tokenizer) + 63) // 64) * 64
+
+
 def tiny_model(backbone: str = "qwen2_5_vl", seed: int = 0) -> BLIP3o:
     tokenizer = build_tiny_tokenizer(backbone)
-    vocab = ((len(tokenizer) + 63) // 64) * 64
-    return BLIP3o.from_config(BLIP3oConfig.tiny(backbone, vocab_size=vocab), seed=seed, tokenizer=tokenizer)
+    return BLIP3o.from_config(BLIP3oConfig.tiny(backbone, vocab_size=embedding_rows(tokenizer)), seed=seed,
+                              tokenizer=tokenizer)

@@ -110,6 +110,7 @@ def write_initial_model(recipe: dict[str, Any], folder: Path) -> str:
     tiny size their final states then vary ~3% across captions and the DiT learns to ignore them).
     Any other source is returned unchanged."""
     from blip3o_fast.models.blip3o import BLIP3o
+    from blip3o_fast.tiny import embedding_rows
     from blip3o_fast.training.model import TINY_PREFIX
     from blip3o_fast.tokenizer import build_tiny_tokenizer
 
@@ -128,7 +129,7 @@ def write_initial_model(recipe: dict[str, Any], folder: Path) -> str:
         tokenizer = build_tiny_tokenizer(backbone)
     else:
         raise ValueError(f"[init] tokenizer must be tiny or shapes, got {kind!r}")
-    cfg = initial_config(backbone, init, ((len(tokenizer) + 63) // 64) * 64)
+    cfg = initial_config(backbone, init, embedding_rows(tokenizer))
     model = BLIP3o.from_config(cfg, seed=seed, tokenizer=tokenizer)
     if "min_pixels" in init and model.image_processor is not None:
         model.image_processor.min_pixels = int(init["min_pixels"])

@@ -400,9 +400,15 @@ def generate(n: int, seed: int, width: int = 64, height: int | None = None, pref
     """n samples from one seed (a generator: constant memory). Sample i depends only on (seed, i), so a
     prefix of a larger run is the smaller run."""
     for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        scene = sample_scene(rng, width, height)
-        yield WorldSample(f"{prefix}{i:06d}", scene, render(scene), sample_questions(scene, rng))
+        scene, questions = _scene_and_questions(seed, i, width, height)
+        yield WorldSample(f"{prefix}{i:06d}", scene, render(scene), questions)
+
+
+def _scene_and_questions(seed: int, i: int, width: int = 64, height: int | None = None):
+    """Sample i of a seed's world (without its pixels): everything drawn from one generator seeded by (seed, i)."""
+    rng = np.random.default_rng([seed, i])
+    scene = sample_scene(rng, width, height)
+    return scene, sample_questions(scene, rng)
 
 
 def tokenizer_corpus(n: int = 500, seed: int = 0) -> list[str]:
@@ -413,8 +419,7 @@ def tokenizer_corpus(n: int = 500, seed: int = 0) -> list[str]:
 
     lines = [GENERATION_INSTRUCTION.format(""), "You are a helpful assistant.", "system\nuser\nassistant\n"] * 50
     for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        scene = sample_scene(rng)
+        scene, questions = _scene_and_questions(seed, i)
         lines.append(scene.caption)
-        lines += [f"{q} {a}" for _, q, a in sample_questions(scene, rng)]
+        lines += [f"{q} {a}" for _, q, a in questions]
     return lines

@@ -24,7 +24,7 @@ def test_shipped_folder_is_the_published_layout():
                  "diffusion-decoder/feature_flow_decoder.safetensors"):
         assert (folder / name).is_file(), name
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    assert size < 16 * 2**20  # "a few MB"
+    assert size < 32 * 2**20  # fp32, 25 MB: most of it the DiT (256 wide x 4 layers)
     assert shipped_folder("not-shipped") is None
     assert SHIPPED == ("tiny-shapes",)
 

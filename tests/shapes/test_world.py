@@ -117,6 +117,19 @@ def test_world_mixture_covers_the_vocabulary():
         assert word in captions
 
 
+def test_objects_sit_at_their_region_slots():
+    """Every centroid lies within JITTER of one of its region's slots (one for the centre, one per side,
+    two for a side holding two objects), and sizes stay in range: a caption's images are few-moded."""
+    size = 64
+    for sample in world.generate(300, seed=3):
+        objects = sample.scene.objects
+        for o in objects:
+            n = sum(p.position == o.position for p in objects)
+            u, v = o.x / size - 0.5, o.y / size - 0.5
+            assert any(max(abs(u - su), abs(v - sv)) <= world.JITTER + 1e-9 for su, sv in world._slots(o.position, n))
+            assert world.MIN_SIZE_FRACTION * size <= o.size <= world.MAX_SIZE_FRACTION * size
+
+
 def test_other_image_sizes():
     rng = np.random.default_rng(0)
     scene = world.realise(Spec((ObjectGroup("square", "red", 2, "left"),)), rng, width=96)

@@ -8,8 +8,12 @@ same scenes, captions and image bytes on every machine.
 
 Geometry (normalised offsets u, v from the image centre, in image widths): an object's named position is
 "centre" when max(|u|, |v|) < 1/6, otherwise the dominant axis decides (left/right when |u| >= |v|, else
-top/bottom). Layouts keep every centroid POSITION_MARGIN inside its region, objects GAP_FRACTION apart and
-inside the image, so the analyser reads back exactly the position the scene says.
+top/bottom). Each region has slots: the centre one at (0, 0), a side region's at SLOT_OFFSET along its axis,
+or, for two objects sharing a side, PAIR_OFFSET either side of that axis. A centroid lies within JITTER of its
+slot. Layouts keep every centroid POSITION_MARGIN inside its region, objects GAP_FRACTION apart and inside the
+image, so the analyser reads back exactly the position the scene says. Slots (not anywhere in the region) keep
+a caption's images few-moded: the tiny model's flow matching, at the compute of 2 CPU cores, averages a
+caption's layouts, and averaged positions decode to an empty image (README, tiny-shapes).
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ MAX_OBJECTS = 3
 CENTRE_HALF_WIDTH = 1 / 6  # the centre region is the middle third in both axes
 POSITION_MARGIN = 0.04  # centroids stay this far (in image widths) inside their region
 RELATION_GAP = 1 / 8  # "A left of B": B's centroid at least this far right of A's (analyser rule)
-MIN_SIZE_FRACTION, MAX_SIZE_FRACTION = 0.19, 0.28  # 12-18 px at 64 px
+MIN_SIZE_FRACTION, MAX_SIZE_FRACTION = 0.2, 0.24  # 13-15 px at 64 px
+SLOT_OFFSET = 0.3  # a side region's slot, from the centre along its axis
+PAIR_OFFSET = 0.16  # two objects sharing a side region: their slots, either side of its axis
+JITTER = 0.03  # a centroid's largest offset from its slot, per axis (2 px at 64)
 GAP_FRACTION = 0.05  # free space between bounding boxes (3 px at 64: blur must not bridge objects)
 BORDER_FRACTION = 0.03  # free space between objects and the image edge
 SUPERSAMPLE = 4  # anti-aliased edges, like a natural image
@@ -247,15 +254,26 @@ def _positions_for(spec: Spec, rng: np.random.Generator) -> list[str]:
             return out
 
 
-def _place(rng: np.random.Generator, shape: str, colour: str, position: str, placed: list[PlacedObject],
-           width: int, height: int, tries: int = 200) -> PlacedObject | None:
+def _slots(position: str, n: int) -> list[tuple[float, float]]:
+    """The (u, v) slots of n objects in one region (module doc)."""
+    if position == "centre":
+        return [(0.0, 0.0)]
+    sign = -1 if position in ("left", "top") else 1
+    across = [0.0] if n == 1 else [-PAIR_OFFSET, PAIR_OFFSET]
+    if position in ("left", "right"):
+        return [(sign * SLOT_OFFSET, a) for a in across]
+    return [(a, sign * SLOT_OFFSET) for a in across]
+
+
+def _place(rng: np.random.Generator, shape: str, colour: str, position: str, slot: tuple[float, float],
+           placed: list[PlacedObject], width: int, height: int, tries: int = 50) -> PlacedObject | None:
     gap, border = GAP_FRACTION * width, BORDER_FRACTION * width
     for _ in range(tries):
         size = float(rng.uniform(MIN_SIZE_FRACTION, MAX_SIZE_FRACTION) * min(width, height))
-        x, y = rng.uniform(0, width), rng.uniform(0, height)
-        if not _inside_region(x / width - 0.5, y / height - 0.5, position):
+        u, v = (slot[0] + rng.uniform(-JITTER, JITTER), slot[1] + rng.uniform(-JITTER, JITTER))
+        if not _inside_region(u, v, position):
             continue
-        obj = PlacedObject(shape, colour, position, float(x), float(y), size)
+        obj = PlacedObject(shape, colour, position, float((u + 0.5) * width), float((v + 0.5) * height), size)
         x0, y0, x1, y1 = obj.extents()
         if x0 < border or y0 < border or x1 > width - border or y1 > height - border:
             continue
@@ -270,7 +288,7 @@ def _apart(a, b, gap: float) -> bool:
 
 def realise(spec: Spec, rng: np.random.Generator, width: int = 64, height: int | None = None) -> Scene:
     """A seeded layout of `spec`: colours the caption leaves open are drawn per group; positions, sizes and
-    centres are drawn until every object fits (non-overlapping, in its region, relation satisfied)."""
+    centres are drawn at their slots until every object fits (non-overlapping, in its region, relation satisfied)."""
     height = height or width
     background = _pick(rng, tuple(BACKGROUNDS))
     colours = []
@@ -280,9 +298,10 @@ def realise(spec: Spec, rng: np.random.Generator, width: int = 64, height: int |
     shapes = [g.shape for g in spec.groups for _ in range(g.count)]
     for _ in range(100):
         positions = _positions_for(spec, rng)
+        slots = {p: _slots(p, positions.count(p)) for p in set(positions)}
         placed: list[PlacedObject] = []
         for shape, colour, position in zip(shapes, colours, positions):
-            obj = _place(rng, shape, colour, position, placed, width, height)
+            obj = _place(rng, shape, colour, position, slots[position].pop(), placed, width, height)
             if obj is None:
                 break
             placed.append(obj)

@@ -75,8 +75,8 @@ def uses_precomputed_targets(recipe: dict[str, Any]) -> bool:
 
 def initial_config(backbone: str, init: dict[str, Any], vocab_size: int):
     """BLIP3oConfig.tiny(backbone) with [init.text] / [init.vision] / [init.dit] fields replaced: the widths
-    and depths of the shapes model. The vision tower's output and the DiT's caption input follow the text
-    width."""
+    and depths of the shapes model, and its text RoPE (rope_theta, mrope_section). The vision tower's output
+    and the DiT's caption input follow the text width."""
     import dataclasses
 
     from blip3o_fast.models.config import BLIP3oConfig
@@ -101,13 +101,13 @@ def initial_config(backbone: str, init: dict[str, Any], vocab_size: int):
 def write_initial_model(recipe: dict[str, Any], folder: Path) -> str:
     """The backbone's starting point. A tiny:<backbone> source is built here, adapted by [init] for
     from-scratch training on 64x64 images, and written to `folder` (returned as the trainer's source):
-    [init.text] / [init.vision] / [init.dit] set the model's sizes (initial_config); tokenizer = "shapes"
+    [init.text] / [init.vision] / [init.dit] set the model's sizes and RoPE (initial_config); tokenizer = "shapes"
     trains the BPE tokenizer (vocab_size ids) on the shapes world's text, so each of its words is one
     token (the tiny tokenizer spells "orange" in four pieces; a caption prompt took ~95 tokens, now ~38);
     min_pixels raises the image processor's floor (64x64 gives only 4 vision tokens; 112*112 gives 16);
     embedding_std re-draws the tied embeddings (N(0, 1) rows make the first text CE about 57 per token);
-    query_std re-draws the latent queries (the release's N(0, 1) queries swamp the caption in their residual stream: at the
-    tiny size their final states then vary ~3% across captions and the DiT learns to ignore them).
+    query_std re-draws the latent queries (the release's N(0, 1) queries swamp the caption in their residual
+    stream: at the tiny size their final states then vary ~3% across captions and the DiT learns to ignore them).
     Any other source is returned unchanged."""
     from blip3o_fast.models.blip3o import BLIP3o
     from blip3o_fast.tiny import embedding_rows

@@ -111,6 +111,22 @@ def test_initial_config_rejects_bad_sizes():
         initial_config("llama3", {"vision": {"depth": 3}}, 512)
 
 
+def test_generation_stage_is_merged_over_the_backbone_stage():
+    from blip3o_fast.shapes.recipe import load_recipe, trainer_stages
+
+    recipe = load_recipe(RECIPE)
+    (first, backbone), (second, generation) = trainer_stages(recipe)
+    assert (first, second) == ("backbone", "generation")
+    assert backbone is recipe["backbone"] and backbone["objective"]["generation"] == "none"
+    assert generation["model"]["trainable"] == "released" and generation["objective"]["text"] is False
+    assert generation["model"]["dit_overrides"] == recipe["generation"]["model"]["dit_overrides"]
+    assert generation["model"]["source"] == backbone["model"]["source"]  # inherited, then replaced by run_recipe
+    assert generation["optim"] == backbone["optim"]
+    assert recipe["backbone"]["train"]["max_steps"] != generation["train"]["max_steps"]
+    single = {k: v for k, v in recipe.items() if k != "generation"}
+    assert [name for name, _ in trainer_stages(single)] == ["backbone"]
+
+
 def test_latent_noise_makes_the_decoder_robust():
     """Same data, steps and seed: noise added to the tokens hurts the decoder trained on noisy tokens less."""
     x = shapes_images(16)
@@ -195,11 +211,19 @@ def test_quick_recipe_end_to_end(tmp_path):
     from blip3o_fast.shapes.recipe import run_recipe
 
     report = run_recipe(RECIPE, tmp_path, quick=True, log=lambda msg: None)
-    assert set(report["seconds"]) == {"data", "autoencoder", "backbone", "pixel_decoder", "assemble",
+    assert set(report["seconds"]) == {"data", "autoencoder", "backbone", "generation", "pixel_decoder", "assemble",
                                       "reconstruction_scores"}
     assert report["reconstruction"]["ground_truth"] == 1.0
     assert json.loads((tmp_path / "recipe.json").read_text())["quick"] is True
     model = BLIP3o.from_pretrained(tmp_path / "model")
+    # The generation stage trained the queries and DiT on the backbone stage's frozen backbone.
+    understanding = BLIP3o.from_pretrained(next((tmp_path / "backbone").glob("checkpoint-*")) / "model")
+    before, after = understanding.network.state_dict(), model.network.state_dict()
+    assert not torch.equal(before["model.latent_queries"], after["model.latent_queries"])
+    frozen = [k for k in after if not k.startswith(("model.dit.", "model.latent_queries"))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert model.config.dit.patch_size == report["recipe"]["generation"]["model"]["dit_overrides"]["patch_size"]
+    assert report["backbone_loss"]["gen_loss"]["last"] == 0 and report["generation_loss"]["text_loss"]["last"] == 0
     assert isinstance(model.pixel_decoder, FeatureFlowDecoder)
     assert model.image_processor.min_pixels == report["recipe"]["init"]["min_pixels"]  # [init] reached the model
     assert model.config.feature_dim == report["recipe"]["autoencoder"]["dim"]

@@ -4,17 +4,21 @@
     2. autoencoder   the target feature encoder (64 tokens of width dim), shapes.autoencoder
     (precompute)     with [backbone.objective] targets = "precomputed": the autoencoder's tokens of every
                      caption's image written once into feature shards (training.precompute)
-    3. backbone+DiT  blip3o_fast's own trainer, one multitask run from scratch: next-token CE on the
-                     question/answer conversations and CLIP + flow matching on the captions, the
-                     autoencoder's tokens computed online as targets ([backbone] of the recipe file is a
-                     trainer config; the recipe fills in data, targets and output folder)
-    4. pixel decoder the feature -> pixel flow decoder, shapes.pixel_diffusion
-    5. assemble      the trained BLIP3o with the flow decoder as diffusion-decoder/, in the published
+    3. backbone      blip3o_fast's own trainer from scratch on [backbone] (a trainer config; the recipe fills
+                     in data, targets, output folder): the shipped recipe trains understanding here,
+                     next-token CE on the question/answer conversations
+    4. generation    with a [generation] table, a second trainer run from stage 3's checkpoint, on
+                     [backbone] with [generation] merged over it: BLIP3-o's sequential recipe, backbone
+                     frozen, queries and DiT trained by CLIP + flow matching on the captions (the
+                     autoencoder's tokens as targets). Without [generation], stage 3 is the whole run
+                     (e.g. one multitask run of both objectives)
+    5. pixel decoder the feature -> pixel flow decoder, shapes.pixel_diffusion
+    6. assemble      the trained BLIP3o with the flow decoder as diffusion-decoder/, in the published
                      layout: OUT/model, loadable by BLIP3o.from_pretrained
 
-The recipe file (configs/tiny_shapes.toml) has sections [shapes], [autoencoder], [pixel_decoder],
-[backbone] (with [backbone.model], [backbone.objective], ...) and [quick]: dotted overrides applied by
---quick, a smoke run of the same code. OUT/recipe.json records the resolved settings, every stage's
+The recipe file (configs/tiny_shapes.toml) has sections [shapes], [autoencoder], [pixel_decoder], [init],
+[backbone] (with [backbone.model], [backbone.objective], ...), [generation] and [quick]: dotted overrides
+applied by --quick, a smoke run of the same code. OUT/recipe.json records the resolved settings, every stage's
 time and the reconstruction scores (how the analyser scores held-out images after the autoencoder, and
 after the flow decoder on their true features: the bound generation can reach).
 """
@@ -36,7 +40,7 @@ from blip3o_fast.shapes.autoencoder import (
 )
 from blip3o_fast.shapes.pixel_diffusion import FeatureDecoderConfig, FeatureFlowDecoder, train_pixel_decoder
 
-SECTIONS = ("shapes", "autoencoder", "pixel_decoder", "init", "backbone", "quick")
+SECTIONS = ("shapes", "autoencoder", "pixel_decoder", "init", "backbone", "generation", "quick")
 # Keys of [autoencoder] / [pixel_decoder] that are training settings, not model settings.
 TRAINING_KEYS = ("steps", "batch_size", "lr", "seed", "object_weight", "latent_noise")
 
@@ -69,8 +73,26 @@ def _split(section: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return {k: v for k, v in section.items() if k in TRAINING_KEYS}, {k: v for k, v in section.items() if k not in TRAINING_KEYS}
 
 
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """base with over's keys replaced, recursively into tables (a deep copy)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        both_tables = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both_tables else copy.deepcopy(value)
+    return out
+
+
+def trainer_stages(recipe: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(stage name, trainer config table) of each trainer run, in order (module doc, stages 3 and 4)."""
+    backbone = recipe.get("backbone", {})
+    stages = [("backbone", backbone)]
+    if "generation" in recipe:
+        stages.append(("generation", _merged(backbone, recipe["generation"])))
+    return stages
+
+
 def uses_precomputed_targets(recipe: dict[str, Any]) -> bool:
-    return recipe.get("backbone", {}).get("objective", {}).get("targets", "online") == "precomputed"
+    return any(t.get("objective", {}).get("targets", "online") == "precomputed" for _, t in trainer_stages(recipe))
 
 
 def initial_config(backbone: str, init: dict[str, Any], vocab_size: int):
@@ -143,16 +165,17 @@ def write_initial_model(recipe: dict[str, Any], folder: Path) -> str:
     return str(folder)
 
 
-def backbone_config(recipe: dict[str, Any], data_dir: Path, autoencoder_dir: Path, run_dir: Path, dim: int,
-                    source: str | None = None):
-    """The trainer config of stage 3: the recipe's [backbone] with the data, targets, output and (when
-    given) model source filled in (precomputed targets: the generation samples come from
+def trainer_config(table: dict[str, Any], data_dir: Path, autoencoder_dir: Path, run_dir: Path, dim: int,
+                   source: str | None = None):
+    """The trainer config of one trainer stage: its table (trainer_stages) with the data, targets, output and
+    (when given) model source filled in (precomputed targets: the generation samples come from
     data_dir/train_targets, see run_recipe)."""
     from blip3o_fast.training.config import config_from_dict
 
-    raw = copy.deepcopy(recipe.get("backbone", {}))
+    raw = copy.deepcopy(table)
     shards = [str(data_dir / "train" / "*.tar")]
-    generation = [str(data_dir / "train_targets" / "*.tar")] if uses_precomputed_targets(recipe) else shards
+    precomputed = raw.get("objective", {}).get("targets", "online") == "precomputed"
+    generation = [str(data_dir / "train_targets" / "*.tar")] if precomputed else shards
     raw.setdefault("data", {}).update(generation=generation, understanding=shards)
     raw.setdefault("objective", {})["autoencoder"] = str(autoencoder_dir)
     raw["objective"].setdefault("targets", "online")
@@ -235,15 +258,18 @@ def run_recipe(path: str | Path, out: str | Path, quick: bool = False, overrides
         stage_done("precompute")
 
     source = write_initial_model(recipe, out / "init")
-    cfg = backbone_config(recipe, data_dir, out / "autoencoder", out / "backbone", autoencoder.cfg.dim, source)
-    trainer = Trainer(cfg)
-    try:
-        history = trainer.fit().history
-        model = trainer.model
-    finally:
-        trainer.close()
-    report["backbone_loss"] = {k: {"first": history[0][k], "last": history[-1][k]} for k in ("gen_loss", "text_loss")}
-    stage_done("backbone")
+    for name, table in trainer_stages(recipe):
+        cfg = trainer_config(table, data_dir, out / "autoencoder", out / name, autoencoder.cfg.dim, source)
+        trainer = Trainer(cfg)
+        try:
+            result = trainer.fit()
+            model = trainer.model
+        finally:
+            trainer.close()
+        source = str(Path(result.last_checkpoint) / "model")  # the next stage starts from this one's weights
+        report[f"{name}_loss"] = {k: {"first": result.history[0][k], "last": result.history[-1][k]}
+                                  for k in ("gen_loss", "text_loss")}
+        stage_done(name)
 
     train_args, model_args = _split(recipe.get("pixel_decoder", {}))
     decoder, pd_losses = train_pixel_decoder(autoencoder, images, FeatureDecoderConfig(**model_args), log=log,

@@ -2,7 +2,7 @@
 
     1. data          the shapes world as WebDataset shards (train + held-out), shapes.writer
     2. autoencoder   the target feature encoder (64 tokens of width dim), shapes.autoencoder
-    (precompute)     with [backbone.objective] targets = "precomputed": the autoencoder's tokens of every
+    (precompute)     with a stage's objective.targets = "precomputed": the autoencoder's tokens of every
                      caption's image written once into feature shards (training.precompute)
     3. backbone      blip3o_fast's own trainer from scratch on [backbone] (a trainer config; the recipe fills
                      in data, targets, output folder): the shipped recipe trains understanding here,

@@ -147,3 +147,21 @@ def test_tokenizer_corpus_is_deterministic_and_covers_the_words():
     words = set(" ".join(corpus).replace("?", " ").replace(",", " ").split())
     needed = set(COLOURS) | set(BACKGROUNDS) | set(SHAPES) | {s + "s" for s in SHAPES} | set(NUMBER_WORDS[1:])
     assert needed <= words
+
+
+@pytest.mark.parametrize("groups, relation, positions", [
+    ((ObjectGroup("circle"),), None, ["centre"]),
+    ((ObjectGroup("circle", None, 2),), None, ["left", "right"]),
+    ((ObjectGroup("circle", None, 3),), None, ["left", "centre", "right"]),
+    ((ObjectGroup("circle", "red"), ObjectGroup("square", None, 2)), None, ["left", "centre", "right"]),
+    ((ObjectGroup("circle", None, 1, "centre"), ObjectGroup("square")), None, ["centre", "left"]),
+    ((ObjectGroup("circle", None, 2, "left"), ObjectGroup("square", None, 1)), None, ["left", "left", "centre"]),
+    ((ObjectGroup("circle", None, 1, "left"), ObjectGroup("square"), ObjectGroup("triangle")), None,
+     ["left", "right", "centre"]),
+    ((ObjectGroup("circle", "red"), ObjectGroup("square", "blue")), "below", ["bottom", "top"]),
+])
+def test_open_positions_follow_the_world_habit(groups, relation, positions):
+    """Objects whose caption names no position stand in a row across the middle, in caption order."""
+    for seed in range(3):
+        scene = world.realise(Spec(groups, relation), np.random.default_rng(seed))
+        assert [o.position for o in scene.objects] == positions

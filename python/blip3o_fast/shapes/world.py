@@ -11,9 +11,12 @@ Geometry (normalised offsets u, v from the image centre, in image widths): an ob
 top/bottom). Each region has slots: the centre one at (0, 0), a side region's at SLOT_OFFSET along its axis,
 or, for two objects sharing a side, PAIR_OFFSET either side of that axis. A centroid lies within JITTER of its
 slot. Layouts keep every centroid POSITION_MARGIN inside its region, objects GAP_FRACTION apart and inside the
-image, so the analyser reads back exactly the position the scene says. Slots (not anywhere in the region) keep
-a caption's images few-moded: the tiny model's flow matching, at the compute of 2 CPU cores, averages a
-caption's layouts, and averaged positions decode to an empty image (README, tiny-shapes).
+image, so the analyser reads back exactly the position the scene says.
+
+Where a caption names no position the world has a habit, as photographs do: open objects stand in a row across
+the middle, in caption order (DEFAULT_ROWS), and a relation uses the two opposite side regions. Slots and the
+habit keep a caption's images few-moded: the tiny model's flow matching, at the compute of 2 CPU cores,
+averages a caption's layouts, and averaged positions decode to an empty image (README, tiny-shapes).
 """
 
 from __future__ import annotations
@@ -227,12 +230,11 @@ def sample_spec(rng: np.random.Generator) -> Spec:
 
 
 # ---------------------------------------------------------------------------------------------- layout
-_RELATION_PAIRS = {  # (position of A, position of B) that put A clearly left of / above ... B
-    "left of": (("left", "centre"), ("left", "right"), ("centre", "right")),
-    "right of": (("right", "centre"), ("right", "left"), ("centre", "left")),
-    "above": (("top", "centre"), ("top", "bottom"), ("centre", "bottom")),
-    "below": (("bottom", "centre"), ("bottom", "top"), ("centre", "top")),
+RELATION_LAYOUT = {  # (position of A, position of B): A clearly left of / above ... B
+    "left of": ("left", "right"), "right of": ("right", "left"), "above": ("top", "bottom"), "below": ("bottom", "top"),
 }
+DEFAULT_ROWS = {0: (), 1: ("centre",), 2: ("left", "right"), 3: ("left", "centre", "right")}
+FALLBACK_ORDER = ("centre", "left", "right", "top", "bottom")
 
 
 def relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float], width: int, height: int) -> bool:
@@ -241,17 +243,22 @@ def relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float]
     return {"left of": dx, "right of": -dx, "above": dy, "below": -dy}[relation] >= RELATION_GAP
 
 
-def _positions_for(spec: Spec, rng: np.random.Generator) -> list[str]:
-    """A named position per object: the spec's, else random with room for everything (one object in the
-    centre, two per side region)."""
+def _positions_for(spec: Spec) -> list[str]:
+    """A named position per object: the spec's, else the world's habit (module doc): open objects stand in a
+    row across the middle in caption order (one: centre; two: left, right; three: left, centre, right), each
+    in a region of its own, a taken region giving way to the next free one of FALLBACK_ORDER."""
     if spec.relation is not None:
-        return list(_pick(rng, _RELATION_PAIRS[spec.relation]))
-    while True:
-        out = []
-        for g in spec.groups:
-            out += [g.position or _pick(rng, POSITIONS) for _ in range(g.count)]
-        if out.count("centre") <= 1 and all(out.count(p) <= 2 for p in POSITIONS):
-            return out
+        return list(RELATION_LAYOUT[spec.relation])
+    named = [g.position for g in spec.groups for _ in range(g.count)]
+    habit = iter(DEFAULT_ROWS[named.count(None)] + FALLBACK_ORDER)
+    taken = {p for p in named if p is not None}
+    out = []
+    for position in named:
+        if position is None:
+            position = next(p for p in habit if p not in taken)
+            taken.add(position)
+        out.append(position)
+    return out
 
 
 def _slots(position: str, n: int) -> list[tuple[float, float]]:
@@ -287,8 +294,9 @@ def _apart(a, b, gap: float) -> bool:
 
 
 def realise(spec: Spec, rng: np.random.Generator, width: int = 64, height: int | None = None) -> Scene:
-    """A seeded layout of `spec`: colours the caption leaves open are drawn per group; positions, sizes and
-    centres are drawn at their slots until every object fits (non-overlapping, in its region, relation satisfied)."""
+    """A seeded layout of `spec`: colours the caption leaves open are drawn per group, positions follow the spec
+    and the world's habit; sizes and centres are drawn at the slots until every object fits (non-overlapping, in
+    its region, relation satisfied)."""
     height = height or width
     background = _pick(rng, tuple(BACKGROUNDS))
     colours = []
@@ -296,8 +304,8 @@ def realise(spec: Spec, rng: np.random.Generator, width: int = 64, height: int |
         colour = g.colour or _pick(rng, tuple(COLOURS))
         colours += [colour] * g.count
     shapes = [g.shape for g in spec.groups for _ in range(g.count)]
+    positions = _positions_for(spec)
     for _ in range(100):
-        positions = _positions_for(spec, rng)
         slots = {p: _slots(p, positions.count(p)) for p in set(positions)}
         placed: list[PlacedObject] = []
         for shape, colour, position in zip(shapes, colours, positions):

@@ -122,7 +122,9 @@ def test_generation_stage_is_merged_over_the_backbone_stage():
     assert generation["model"]["dit_overrides"] == recipe["generation"]["model"]["dit_overrides"]
     assert generation["model"]["source"] == backbone["model"]["source"]  # inherited, then replaced by run_recipe
     assert generation["optim"] == backbone["optim"]
-    assert recipe["backbone"]["train"]["max_steps"] != generation["train"]["max_steps"]
+    assert generation["train"]["batch_size"] == recipe["generation"]["train"]["batch_size"] != \
+        backbone["train"]["batch_size"]
+    assert generation["train"]["log_every"] == backbone["train"]["log_every"]  # a key only the backbone sets
     single = {k: v for k, v in recipe.items() if k != "generation"}
     assert [name for name, _ in trainer_stages(single)] == ["backbone"]
 

@@ -111,6 +111,23 @@ def test_scenes_captions_and_answers_agree():
     assert kinds == {"colour", "count", "position", "shape", "total", "background"}
 
 
+def test_caption_questions_are_decided_by_the_caption():
+    """Every question kept for a text-only conversation has one answer over all of its caption's scenes (other
+    draws of the open colours, backgrounds and jitter), and the caption opens the conversation."""
+    kept = set()
+    for sample in world.generate(120, seed=13):
+        questions = world.caption_questions(sample.scene, sample.questions)
+        assert "background" not in {k for k, _, _ in questions}
+        for seed in range(4):
+            other = world.realise(sample.scene.spec, np.random.default_rng([99, seed]))
+            for kind, question, answer in questions:
+                kept.add(kind)
+                assert _answer_from_objects(question, other) == answer, (sample.caption, question)
+        turns = world.llava_conversation(questions, sample.caption)
+        assert turns[0]["value"] == f"{sample.caption}\n{questions[0][1]}"
+    assert kept == {"colour", "count", "position", "shape", "total"}
+
+
 def test_world_mixture_covers_the_vocabulary():
     captions = " ".join(s.caption for s in world.generate(200, seed=5))
     for word in [*SHAPES, *COLOURS, "two", "three", "on the left", "at the top", "in the centre", "left of", "below"]:

@@ -26,9 +26,14 @@ def test_written_splits_read_back(tmp_path):
     expected = list(world.generate(7, seed=2, prefix="train-"))
 
     gen, und = _by_type(WebDataset(str(tmp_path / "train" / "shard-*.tar"), shuffle_shards=False))
-    assert len(gen) == len(und) == 7
+    assert len(gen) == 7 and len(und) == 14
     for sample in expected:
-        g, u = gen[f"{sample.key}_gen"], und[f"{sample.key}_qa"]
+        g, u, t = gen[f"{sample.key}_gen"], und[f"{sample.key}_qa"], und[f"{sample.key}_txt"]
+        text_questions = world.caption_questions(sample.scene, sample.questions)
+        assert t.images == []
+        assert t.messages[0]["content"] == [{"type": "text", "text": f"{sample.caption}\n{text_questions[0][1]}"}]
+        assert [m["content"][0]["text"] for m in t.messages if m["role"] == "assistant"] == \
+            [a for _, _, a in text_questions]
         assert g.caption == sample.caption
         assert np.array_equal(np.asarray(g.image), sample.image)
         assert np.array_equal(np.asarray(u.images[0]), sample.image)
@@ -37,7 +42,7 @@ def test_written_splits_read_back(tmp_path):
         assert answers == [a for _, _, a in sample.questions]
 
     gen_json, und_json = _by_type(ConversationDataset(str(tmp_path / "train.json"), shuffle=False))
-    assert len(gen_json) == len(und_json) == 7
+    assert len(gen_json) == 7 and len(und_json) == 14
     assert sorted(s.caption for s in gen_json.values()) == sorted(s.caption for s in expected)
 
     heldout = list(world.generate(3, seed=HELDOUT_SEED, prefix="heldout-"))

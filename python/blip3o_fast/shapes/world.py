@@ -402,11 +402,20 @@ def sample_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, 
     return out
 
 
-def llava_conversation(questions: list[tuple[str, str, str]]) -> list[dict]:
-    """LLaVA turns; the image placeholder opens the first human turn."""
+def caption_questions(scene: Scene, questions: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """Those of a scene's questions that its caption alone answers. Positions follow from the caption (named or
+    the world's habit); colour, shape and position questions name colours, so they stay only when the caption
+    names every colour; the background is never in a caption."""
+    every_colour_named = all(g.colour is not None for g in scene.spec.groups)
+    kinds = ("count", "total") + (("colour", "position", "shape") if every_colour_named else ())
+    return [q for q in questions if q[0] in kinds]
+
+
+def llava_conversation(questions: list[tuple[str, str, str]], context: str = "<image>") -> list[dict]:
+    """LLaVA turns; the context (the image placeholder, or a caption) opens the first human turn."""
     turns = []
     for i, (_, question, answer) in enumerate(questions):
-        turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
+        turns.append({"from": "human", "value": (f"{context}\n" if i == 0 else "") + question})
         turns.append({"from": "gpt", "value": answer})
     return turns
 

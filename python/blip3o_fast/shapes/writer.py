@@ -1,13 +1,18 @@
 """Write shapes-world splits through the project's data layer, in both formats its readers take.
 
-    OUT/<split>/shard-000000.tar ...   WebDataset shards (data.webdataset.write_shard); per scene two records:
+    OUT/<split>/shard-000000.tar ...   WebDataset shards (data.webdataset.write_shard); per scene three records:
         <key>_gen.png + <key>_gen.txt + <key>_gen.json   caption -> image (a generation sample)
-        <key>_qa.png  + <key>_qa.json                     LLaVA understanding conversation
+        <key>_qa.png  + <key>_qa.json                     LLaVA understanding conversation about the image
+        <key>_txt.json                                    text-only conversation: the caption, then the
+                                                          questions it answers (world.caption_questions)
       (the reader makes one sample per record, and a record with a conversation is an understanding sample, so
-      the caption pair and the conversation are two records). Each json also carries the scene under "scene".
+      they are separate records). Each json also carries the scene under "scene". The text conversation is
+      there for the backbone's text states: trained on image questions only, a shape word in a caption moved
+      the latent queries' states half as far as a colour word, and the DiT drew the asked colour round.
     OUT/<split>/images/<key>.png       the images of the JSON file
     OUT/<split>.json                   LLaVA-style list for data.conversations: a caption pair
-                                       {"image", "caption"} and a conversation {"image", "conversations"} per scene
+                                       {"image", "caption"}, a conversation {"image", "conversations"} and a
+                                       text conversation {"conversations"} per scene
     OUT/manifest.json                  seeds, sizes, counts and shard lists
 
 Every byte is a function of (seed, index): tar members carry mtime 0, PNG encoding is deterministic.
@@ -23,7 +28,7 @@ from PIL import Image
 
 from blip3o_fast.data.webdataset import write_shard
 from blip3o_fast.shapes.understanding import HELDOUT_SEED
-from blip3o_fast.shapes.world import generate, llava_conversation
+from blip3o_fast.shapes.world import caption_questions, generate, llava_conversation
 
 
 def write_split(out_dir: str | os.PathLike, split: str, n: int, seed: int, width: int = 64,
@@ -46,15 +51,18 @@ def write_split(out_dir: str | os.PathLike, split: str, n: int, seed: int, width
         image = Image.fromarray(sample.image)
         scene = sample.scene.to_dict()
         conversation = llava_conversation(sample.questions)
+        text_conversation = llava_conversation(caption_questions(sample.scene, sample.questions), sample.caption)
         pending.append({"__key__": f"{sample.key}_gen", "png": image, "txt": sample.caption,
                         "json": {"caption": sample.caption, "scene": scene}})
         pending.append({"__key__": f"{sample.key}_qa", "png": image,
                         "json": {"conversations": conversation, "scene": scene}})
+        pending.append({"__key__": f"{sample.key}_txt", "json": {"conversations": text_conversation, "scene": scene}})
         image_path = f"{split}/images/{sample.key}.png"
         image.save(root / image_path)
         records.append({"id": f"{sample.key}_gen", "image": image_path, "caption": sample.caption})
         records.append({"id": f"{sample.key}_qa", "image": image_path, "conversations": conversation})
-        if len(pending) >= 2 * shard_size:
+        records.append({"id": f"{sample.key}_txt", "conversations": text_conversation})
+        if len(pending) >= 3 * shard_size:
             flush()
     if pending:
         flush()

@@ -47,7 +47,7 @@ def write_split(out_dir: str | os.PathLike, split: str, n: int, seed: int, width
         shards.append(str(path.relative_to(root)))
         pending.clear()
 
-    for sample in generate(n, seed, width, prefix=f"{split}-"):
+    for count, sample in enumerate(generate(n, seed, width, prefix=f"{split}-"), 1):
         image = Image.fromarray(sample.image)
         scene = sample.scene.to_dict()
         conversation = llava_conversation(sample.questions)
@@ -62,7 +62,7 @@ def write_split(out_dir: str | os.PathLike, split: str, n: int, seed: int, width
         records.append({"id": f"{sample.key}_gen", "image": image_path, "caption": sample.caption})
         records.append({"id": f"{sample.key}_qa", "image": image_path, "conversations": conversation})
         records.append({"id": f"{sample.key}_txt", "conversations": text_conversation})
-        if len(pending) >= 3 * shard_size:
+        if count % shard_size == 0:  # shard_size scenes a shard, whatever records a scene has
             flush()
     if pending:
         flush()

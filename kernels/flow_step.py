@@ -46,7 +46,7 @@ def flow_step_exact_kernel(x_ptr, v_ptr, out_ptr, total, dt, g, GUIDED: tl.const
         vcond = tl.load(v_ptr + total + offs, mask=ok, other=0.0).to(tl.float32)
         d = (vcond - vc).to(dtype).to(tl.float32)
         vc = (vc + (g * d).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    step = (dt * vc).to(dtype).to(tl.float32)  # dt arrives rounded to v's dtype (see the launcher)
+    step = (dt * vc).to(dtype).to(tl.float32)  # dt arrives as PyTorch on v's device sees it (the launcher)
     xn = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) + step
     tl.store(out_ptr + offs, xn.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -68,8 +68,9 @@ def flow_step(
     grid = (triton.cdiv(total, block),)
     warps = num_warps_for(block)
     if exact:
-        # PyTorch rounds the float32 dt to v's dtype before the product (a 0-dim tensor on the left).
-        dt_model = torch.tensor(dt, dtype=torch.float32).to(v.dtype).item()
+        # The released step's dt is a float32 0-dim CPU tensor: PyTorch's CPU kernels round it to v's
+        # dtype before the product, its CUDA kernels keep it in fp32 (CPU tensors: the interpreter).
+        dt_model = torch.tensor(dt, dtype=torch.float32).to(v.dtype).item() if v.device.type == "cpu" else dt
         flow_step_exact_kernel[grid](x, v, out, total, dt_model, guidance, GUIDED=guided, BLOCK=block, num_warps=warps,
                                      enable_fp_fusion=False)
         return

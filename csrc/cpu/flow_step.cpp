@@ -57,10 +57,11 @@ BLIP3O_AVX2 int64_t fast_avx2(const TX* x, const TV* v, TX* out, const float* vp
 template <class TX, class TV>
 void exact_scalar(const TX* x, const TV* v, TX* out, const Args& a, bool guided, int64_t lo, int64_t hi) {
   const auto round = [](float f) { return round_to<TV>(f); };
+  const float dt = round(a.dt);  // PyTorch on CPU rounds the 0-dim dt to v's dtype (flow_step.h)
   for (int64_t e = lo; e < hi; ++e) {
     const float vc = guided ? flow_step::exact_combine(to_f32(v[e]), to_f32(v[a.total + e]), a.g, round)
                             : to_f32(v[e]);
-    out[e] = from_f32<TX>(flow_step::exact_update(to_f32(x[e]), a.dt, vc, round));
+    out[e] = from_f32<TX>(flow_step::exact_update(to_f32(x[e]), dt, vc, round));
   }
 }
 

@@ -2,6 +2,8 @@
 Qwen2.5-VL with 0, 1 and 2 images), batch == alone, requests joining mid-flight, preemption under a
 tiny cache, budget errors, abort, stop strings, streaming, and the block allocator."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -158,11 +160,10 @@ def test_padded_decode_buckets_equal_the_live_batch(llama):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA device")
-def test_cuda_graph_decode_equals_eager(llama):
-    _, ours = llama
-    gpu = CausalLM(ours.text_cfg).eval()
-    gpu.load_state_dict(ours.state_dict())
-    gpu.cuda()
+@pytest.mark.parametrize("backbone", ["llama", "qwen"])  # qwen: the M-RoPE tables are built inside the graph
+def test_cuda_graph_decode_equals_eager(backbone, request):
+    _, ours = request.getfixturevalue(backbone)
+    gpu = copy.deepcopy(ours).cuda()
     reqs = mixed_requests()
     eager, _ = run(gpu, reqs, cuda_graphs=False)
     graphed, eng = run(gpu, reqs, cuda_graphs=True)

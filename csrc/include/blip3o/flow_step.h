@@ -32,15 +32,17 @@ BLIP3O_HD float add_rn(float a, float b) {
 // The released sampler's arithmetic (exact mode): `round` rounds an fp32 value to the model's
 // storage dtype and back, as each PyTorch op in that dtype does. The combine rounds after each
 // of its three operations (guidance itself stays fp32: PyTorch keeps a Python scalar on the right
-// unrounded). The scheduler step computes dt * v in the model dtype, with dt (a float32 0-dim
-// tensor on the left) first rounded to that dtype, adds it to x in fp32 and rounds back.
+// unrounded). The scheduler step computes dt * v in the model dtype, adds it to x in fp32 and
+// rounds back. dt is a float32 0-dim CPU tensor there, which PyTorch's CPU kernels round to the
+// model dtype before the product and its CUDA kernels keep in fp32: each face passes dt as its
+// device's PyTorch sees it.
 template <class Round>
 BLIP3O_HD float exact_combine(float vu, float vc, float g, Round round) {
   return round(add_rn(vu, round(mul_rn(g, round(vc - vu)))));
 }
 template <class Round>
 BLIP3O_HD float exact_update(float x, float dt, float v, Round round) {
-  return round(add_rn(x, round(mul_rn(round(dt), v))));
+  return round(add_rn(x, round(mul_rn(dt, v))));
 }
 
 }  // namespace blip3o::flow_step

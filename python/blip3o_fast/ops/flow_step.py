@@ -17,10 +17,11 @@ beyond one fp32 velocity buffer vb (B, ...):
 exact=True reproduces the released sampler bit for bit (engine/flow_sampler.py, reference_exact):
 the combine in v's dtype with a rounding after each operation (v_c - v_u, guidance * that, v_u +
 that; PyTorch keeps the Python-float guidance itself in fp32), then diffusers'
-FlowMatchEulerDiscreteScheduler step: dt * vc in v's dtype (dt is a float32 0-dim tensor on the
-left there, which PyTorch rounds to v's dtype first), added to x upcast to fp32, the sum rounded
-back to v's dtype. dt must then be the float32 value sigma_next - sigma; x and v share a dtype; no
-v_prev / v_save.
+FlowMatchEulerDiscreteScheduler step: dt * vc in v's dtype, added to x upcast to fp32, the sum
+rounded back to v's dtype. dt is a float32 0-dim CPU tensor there: PyTorch's CPU kernels round it
+to v's dtype before the product, its CUDA kernels keep it in fp32, so the exact bits follow the
+device (the reference below is that same expression). dt must then be the float32 value
+sigma_next - sigma; x and v share a dtype; no v_prev / v_save.
 
 Faces: flow_step_reference (here), csrc/cpu/flow_step.cpp, kernels/flow_step.py, csrc/cuda/flow_step.cu.
 Kernel contract (all faces, every tensor contiguous, viewed as rows; out shares x's dtype, v may

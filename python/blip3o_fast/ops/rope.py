@@ -112,7 +112,9 @@ def mrope_cos_sin(
     j of the D/2 bands reads axis k where band j lies in the k-th section of mrope_section."""
     if sum(mrope_section) != inv_freq.numel():
         raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {inv_freq.numel()}")
-    axis = torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section)).to(positions.device)
+    # Built by fills on the positions' device: no host-to-device copy, so a CUDA graph can capture it.
+    axis = torch.cat([torch.full((n,), k, dtype=torch.int64, device=positions.device)
+                      for k, n in enumerate(mrope_section)])
     angles = positions.float()[..., None] * inv_freq.to(positions.device)  # (3, B, T, D/2)
     picked = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:]))[0]
     return picked.cos(), picked.sin()

@@ -86,6 +86,16 @@ def test_cpu_tensors_default_to_the_cpu_face(spies):
     assert calls(spies)["cpu"] == 1
 
 
+def test_cuda_defaults_name_built_faces():
+    assert set(dispatch.CUDA_DEFAULTS.values()) <= set(dispatch.BACKENDS)
+    assert set(dispatch.CUDA_DEFAULTS) <= set(dispatch.TRITON_MODULES)  # kernel names, as dispatch sees them
+    cuda = torch.device("cuda")
+    assert dispatch.default_backend("decode_linear", cuda) == "torch"
+    assert dispatch.default_backend("sample_tokens", cuda) == "cuda"
+    assert dispatch.default_backend("rms_norm_fwd", cuda) == "triton"
+    assert dispatch.default_backend("decode_linear", torch.device("cpu")) == "cpu"
+
+
 def test_env_var_is_honoured(spies, monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     ops.swiglu(*inputs())

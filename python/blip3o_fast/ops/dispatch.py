@@ -7,7 +7,7 @@ Faces (backends), in the order a newcomer should read them:
   cuda    CUDA kernels in csrc/cuda/, same module, names ending in _cuda (CUDA tensors)
 
 Choice, first match wins: the call's `backend=` argument, then BLIP3O_FAST_BACKEND, then the
-device default (CPU tensors -> cpu; CUDA tensors -> the op's entry in CUDA_PREFERRED, else triton).
+device default (CPU tensors -> cpu; CUDA tensors -> the kernel's entry in CUDA_DEFAULTS, else triton).
 A face that is not built, or cannot run on the tensor's device, falls back to the reference with
 a one-time warning naming the op, the face and the reason.
 """
@@ -25,8 +25,12 @@ import torch
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 ENV_VAR = "BLIP3O_FAST_BACKEND"
 
-# Kernels whose CUDA face beats their Triton face on GPUs; every other kernel defaults to Triton there.
-CUDA_PREFERRED: frozenset[str] = frozenset()
+# CUDA tensors' default face where Triton's is not the fastest, from benchmarks/ops on an H100 (README,
+# "On a GPU"); every other kernel defaults to Triton there.
+CUDA_DEFAULTS: dict[str, str] = {
+    "sample_tokens": "cuda",   # top-k / top-p rows 1.3-1.6x faster than Triton's, greedy level
+    "decode_linear": "torch",  # cuBLAS streamed the weights at 71-76% of memcpy, our faces at 19-66%
+}
 
 # Kernel name -> Triton module under blip3o_fast.kernels (one file per op family).
 TRITON_MODULES = {
@@ -145,7 +149,7 @@ def default_backend(kernel: str, device: torch.device) -> str:
     if device.type == "cpu":
         return "cpu"
     if device.type == "cuda":
-        return "cuda" if kernel in CUDA_PREFERRED else "triton"
+        return CUDA_DEFAULTS.get(kernel, "triton")
     return "torch"
 
 

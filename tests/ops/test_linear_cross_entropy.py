@@ -207,8 +207,9 @@ def test_opcheck(face):
     torch.library.opcheck(torch.ops.blip3o_fast.linear_cross_entropy_fwd.default,
                           (hidden.requires_grad_(), weight.requires_grad_(), targets, IGNORE, face))
     _, lse = torch.ops.blip3o_fast.linear_cross_entropy_fwd(hidden.detach(), weight.detach(), targets, IGNORE, face)
+    dloss = torch.rand(5, device=hidden.device)
     torch.library.opcheck(torch.ops.blip3o_fast.linear_cross_entropy_bwd.default,
-                          (torch.rand(5, device=hidden.device), hidden.detach(), weight.detach(), targets, lse, IGNORE, True, False, face))
+                          (dloss, hidden.detach(), weight.detach(), targets, lse, IGNORE, True, False, face))
 
 
 _SCALAR_CHILD = r'''

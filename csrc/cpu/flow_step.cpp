@@ -57,11 +57,10 @@ BLIP3O_AVX2 int64_t fast_avx2(const TX* x, const TV* v, TX* out, const float* vp
 template <class TX, class TV>
 void exact_scalar(const TX* x, const TV* v, TX* out, const Args& a, bool guided, int64_t lo, int64_t hi) {
   const auto round = [](float f) { return round_to<TV>(f); };
-  const float dt = round(a.dt);  // PyTorch on CPU rounds the 0-dim dt to v's dtype (flow_step.h)
   for (int64_t e = lo; e < hi; ++e) {
     const float vc = guided ? flow_step::exact_combine(to_f32(v[e]), to_f32(v[a.total + e]), a.g, round)
                             : to_f32(v[e]);
-    out[e] = from_f32<TX>(flow_step::exact_update(to_f32(x[e]), dt, vc, round));
+    out[e] = from_f32<TX>(flow_step::exact_update(to_f32(x[e]), a.dt, vc, round));
   }
 }
 
@@ -76,7 +75,7 @@ BLIP3O_AVX2 __m256 round8(__m256 v) {
 template <class TX, class TV>
 BLIP3O_AVX2 int64_t exact_avx2(const TX* x, const TV* v, TX* out, const Args& a, bool guided, int64_t lo,
                                int64_t hi) {
-  const __m256 dt = _mm256_set1_ps(round_to<TV>(a.dt)), g = _mm256_set1_ps(a.g);
+  const __m256 dt = _mm256_set1_ps(a.dt), g = _mm256_set1_ps(a.g);
   int64_t e = lo;
   for (; e + 8 <= hi; e += 8) {
     __m256 vc = avx2::load8(v + e);
@@ -104,11 +103,14 @@ template <class TX, class TV>
 void run(const TX* x, const TV* v, TX* out, const float* vp, float* vs, const Args& a, bool guided, bool exact) {
   const bool vec = use_avx2();
   if (exact) {
-    const int64_t blocks = (a.total + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (a.total > kParallelMin)
+    // PyTorch on CPU rounds the released step's 0-dim dt to v's dtype before the product (flow_step.h).
+    Args e = a;
+    e.dt = round_to<TV>(a.dt);
+    const int64_t blocks = (e.total + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) if (e.total > kParallelMin)
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      const int64_t lo = blk * kBlock, hi = lo + kBlock < a.total ? lo + kBlock : a.total;
-      exact_scalar(x, v, out, a, guided, vec ? exact_avx2(x, v, out, a, guided, lo, hi) : lo, hi);
+      const int64_t lo = blk * kBlock, hi = lo + kBlock < e.total ? lo + kBlock : e.total;
+      exact_scalar(x, v, out, e, guided, vec ? exact_avx2(x, v, out, e, guided, lo, hi) : lo, hi);
     }
     return;
   }

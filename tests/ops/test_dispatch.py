@@ -86,7 +86,7 @@ def test_cpu_tensors_default_to_the_cpu_face(spies):
     assert calls(spies)["cpu"] == 1
 
 
-def test_cuda_defaults_name_built_faces():
+def test_cuda_defaults_name_known_faces_and_kernels():
     assert set(dispatch.CUDA_DEFAULTS.values()) <= set(dispatch.BACKENDS)
     assert set(dispatch.CUDA_DEFAULTS) <= set(dispatch.TRITON_MODULES)  # kernel names, as dispatch sees them
     cuda = torch.device("cuda")

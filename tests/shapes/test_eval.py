@@ -37,6 +37,21 @@ def test_understanding_score_oracle_and_constant():
     assert "overall" in understanding.table(constant)
 
 
+def test_understanding_split_by_object_count():
+    questions = understanding.heldout_questions(12)
+    assert {q.objects for q in questions} == {1, 2, 3}
+    by_text = {(q.question, id(q.image)): q for q in questions}
+
+    def right_on_single_objects(texts, images):
+        asked = [by_text[(t, id(im))] for t, im in zip(texts, images)]
+        return [q.answer if q.objects == 1 else "nothing" for q in asked]
+
+    result = understanding.score(questions, right_on_single_objects, batch_size=7)
+    shape = result["types"]["shape"]["by_objects"]
+    assert shape[1] == 1.0 and shape[2] == 0.0 and shape[3] == 0.0
+    assert "1 obj." in understanding.table(result)
+
+
 def test_overall_is_mean_of_categories():
     prompts = geneval.eval_prompts()
     records = [{"category": p.category, "passed": p.category == "colours"} for p in prompts]

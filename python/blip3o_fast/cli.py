@@ -200,8 +200,8 @@ def cmd_eval_shapes(args) -> None:
         model = _load(args.model, args.device, args.dtype)
     watch.lap(f"loaded {args.model}")
     result = evaluate(model, images_per_prompt=args.images_per_prompt, seed=args.seed, limit=args.limit,
-                      understanding_images=args.understanding_images, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, save_images=args.save_images,
+                      understanding_images=args.understanding_images, understanding_seed=args.understanding_seed,
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, save_images=args.save_images,
                       sampler={"num_steps": args.steps, "guidance_scale": args.guidance, "solver": args.solver})
     result["model"] = args.model
     if args.out:
@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--images-per-prompt", type=int, default=4)
     es.add_argument("--limit", type=int, default=None, help="only the first N prompts of each category")
     es.add_argument("--understanding-images", type=int, default=60, help="held-out images to ask about (0: skip)")
+    es.add_argument("--understanding-seed", type=int, default=None,
+                    help="world seed of the scenes asked about (default: the held-out split's; the recipe's "
+                         "training data is seed 0)")
     es.add_argument("--steps", type=int, default=None, help="DiT sampler steps (default: the model's)")
     es.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     es.add_argument("--solver", default=None, choices=["euler", "heun", "multistep"])

@@ -15,10 +15,13 @@ from blip3o_fast.shapes import geneval, understanding
 
 
 def evaluate(model, *, images_per_prompt: int = 4, seed: int = 0, limit: int | None = None,
-             understanding_images: int = 60, batch_size: int = 8, max_new_tokens: int = 8,
+             understanding_images: int = 60, understanding_seed: int | None = None,
+             batch_size: int = 8, max_new_tokens: int = 8,
              sampler: dict | None = None, save_images: str | None = None, log=print) -> dict:
     """Run both scores on `model`; `sampler` holds generate_image keywords (num_steps, guidance_scale,
-    solver) to override. Returns the JSON-ready result."""
+    solver) to override. understanding_seed picks the scenes asked about: the held-out split by default, the
+    training scenes with the training data's seed (0 in the recipe), which tells underfitting from
+    overfitting. Returns the JSON-ready result."""
     sampler = {k: v for k, v in (sampler or {}).items() if v is not None}
     prompts = geneval.limit_per_category(geneval.eval_prompts(), limit)
     save_dir = Path(save_images) if save_images else None
@@ -44,7 +47,10 @@ def evaluate(model, *, images_per_prompt: int = 4, seed: int = 0, limit: int | N
     log(f"[{gen_seconds:8.3f} s] generated and analysed {n_images} images "
         f"({gen_seconds / max(1, n_images):.3f} s/image)")
 
-    questions = understanding.heldout_questions(understanding_images) if understanding_images > 0 else []
+    if understanding_seed is None:
+        understanding_seed = understanding.HELDOUT_SEED
+    questions = (understanding.heldout_questions(understanding_images, seed=understanding_seed)
+                 if understanding_images > 0 else [])
     t0 = time.perf_counter()
     und = understanding.score(
         questions,
@@ -54,14 +60,15 @@ def evaluate(model, *, images_per_prompt: int = 4, seed: int = 0, limit: int | N
     )
     und_seconds = time.perf_counter() - t0
     if questions:
-        log(f"Understanding: {len(questions)} questions on {understanding_images} held-out images "
-            f"(seed {understanding.HELDOUT_SEED})")
+        split = "held-out" if understanding_seed == understanding.HELDOUT_SEED else "world"
+        log(f"Understanding: {len(questions)} questions on {understanding_images} {split} images "
+            f"(seed {understanding_seed})")
         log(understanding.table(und))
         log(f"[{und_seconds:8.3f} s] answered {len(questions)} questions "
             f"({und_seconds / len(questions):.3f} s/question)")
     return {
         "settings": {"images_per_prompt": images_per_prompt, "seed": seed, "limit": limit, "sampler": sampler,
-                     "understanding_images": understanding_images, "heldout_seed": understanding.HELDOUT_SEED,
+                     "understanding_images": understanding_images, "understanding_seed": understanding_seed,
                      "max_new_tokens": max_new_tokens},
         "geneval": gen,
         "understanding": und if questions else None,

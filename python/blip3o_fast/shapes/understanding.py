@@ -41,8 +41,10 @@ class Question:
 
 
 def heldout_questions(n_images: int, seed: int = HELDOUT_SEED, width: int = 64) -> list[Question]:
+    """Every question of the first n_images scenes of the world with this seed (the held-out split by
+    default; keys name the seed when it is another)."""
     out = []
-    for sample in generate(n_images, seed, width, prefix="heldout-"):
+    for sample in generate(n_images, seed, width, prefix="heldout-" if seed == HELDOUT_SEED else f"seed{seed}-"):
         image = Image.fromarray(sample.image)
         n = len(sample.scene.objects)
         out += [Question(sample.key, kind, q, a, image, n) for kind, q, a in sample.questions]

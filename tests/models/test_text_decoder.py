@@ -138,3 +138,15 @@ def test_images_to_llama3_backbone_raise(models):
                         image_token_id=6, max_new_tokens=2, eos_token_ids=[EOS], pad_token_id=PAD)
     with pytest.raises(ValueError, match="vision tower needs the qwen"):
         CausalLM(ours.text_cfg, BLIP3oConfig.tiny("qwen2_5_vl", with_decoder=False).vision)
+
+
+@pytest.mark.parametrize("section, message", [(None, "needs TextConfig.mrope_section"),
+                                              ([2, 3, 4], r"\[2, 3, 4\] must sum to head_dim / 2 = 8")])
+def test_qwen_decoder_rejects_a_bad_mrope_section(section, message):
+    import dataclasses
+
+    from blip3o_fast.models.text_decoder import TextDecoder
+
+    text = dataclasses.replace(BLIP3oConfig.tiny().text, mrope_section=section)
+    with pytest.raises(ValueError, match=message):
+        TextDecoder(text)

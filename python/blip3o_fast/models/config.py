@@ -37,6 +37,17 @@ class TextConfig:
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    def check_mrope(self) -> None:
+        """Qwen2.5-VL's M-RoPE splits each head's rotary frequencies into (t, h, w) sections: they must
+        exist and cover head_dim / 2 exactly."""
+        if self.arch != "qwen2_5_vl":
+            return
+        if not self.mrope_section:
+            raise ValueError("a qwen2_5_vl decoder needs TextConfig.mrope_section")
+        if 2 * sum(self.mrope_section) != self.dim_per_head:
+            raise ValueError(f"TextConfig.mrope_section {list(self.mrope_section)} must sum to head_dim / 2 = "
+                             f"{self.dim_per_head // 2}")
+
 
 @dataclass
 class VisionConfig:

@@ -175,8 +175,7 @@ class TextDecoder(nn.Module):
         super().__init__()
         if cfg.arch not in ("llama3", "qwen2_5_vl"):
             raise ValueError(f"TextConfig.arch must be 'llama3' or 'qwen2_5_vl', got {cfg.arch!r}")
-        if cfg.arch == "qwen2_5_vl" and not cfg.mrope_section:
-            raise ValueError("a qwen2_5_vl decoder needs TextConfig.mrope_section")
+        cfg.check_mrope()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))

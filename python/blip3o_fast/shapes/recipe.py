@@ -114,9 +114,10 @@ def initial_config(backbone: str, init: dict[str, Any], vocab_size: int):
         cfg.dit = dataclasses.replace(cfg.dit, **{"caption_dim": cfg.text.hidden_size, **init.get("dit", {})})
     except TypeError as exc:  # an unknown field name
         raise ValueError(f"[init]: {exc}") from exc
-    if cfg.text.mrope_section is not None and 2 * sum(cfg.text.mrope_section) != cfg.text.dim_per_head:
-        raise ValueError(f"[init.text] mrope_section {cfg.text.mrope_section} must sum to head_dim / 2 = "
-                         f"{cfg.text.dim_per_head // 2}")
+    try:
+        cfg.text.check_mrope()
+    except ValueError as exc:
+        raise ValueError(f"[init.text]: {exc}") from exc
     return cfg
 
 

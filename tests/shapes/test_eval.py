@@ -63,15 +63,15 @@ def test_overall_is_mean_of_categories():
 def test_eval_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "results.json"
     argv = ["eval", "shapes", "--model", "tiny:qwen2_5_vl", "--images-per-prompt", "1", "--limit", "1",
-            "--understanding-images", "1", "--understanding-seed", "0", "--steps", "2", "--out", str(out), "--save-images", str(tmp_path / "img"),
-            "--threads", "1"]  # a loaded 2-core machine runs the toy model far faster on one thread
+            "--understanding-images", "1", "--understanding-seed", "0", "--steps", "2", "--out", str(out),
+            "--save-images", str(tmp_path / "img"), "--threads", "1"]  # a loaded 2-core machine runs the toy model far faster on one thread
     threads = torch.get_num_threads()
     try:
         assert main(argv) == 0
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
-    assert "Mini-GenEval" in printed and "overall (mean of categories)" in printed
+    assert "Mini-GenEval" in printed and "overall (mean of categories)" in printed and "Understanding" in printed
     assert "images (seed 0)" in printed  # the training data's scenes, not the held-out split
     result = json.loads(out.read_text())
     gen = result["geneval"]

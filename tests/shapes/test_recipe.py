@@ -210,16 +210,23 @@ def test_trainer_uses_autoencoder_targets(tmp_path):
 
 def test_quick_recipe_end_to_end(tmp_path):
     from blip3o_fast import BLIP3o
-    from blip3o_fast.shapes.recipe import run_recipe
+    from blip3o_fast.shapes.recipe import run_recipe, write_initial_model
 
-    report = run_recipe(RECIPE, tmp_path, quick=True, log=lambda msg: None)
-    assert set(report["seconds"]) == {"data", "autoencoder", "backbone", "generation", "pixel_decoder", "assemble",
-                                      "reconstruction_scores"}
+    run = tmp_path / "run"
+    report = run_recipe(RECIPE, run, quick=True, log=lambda msg: None)
+    assert set(report["seconds"]) == {"data", "autoencoder", "tower", "backbone", "generation", "pixel_decoder",
+                                      "assemble", "reconstruction_scores"}
+    # [tower] pretrained the initial model's vision tower in place: it differs from a freshly written one.
+    fresh = BLIP3o.from_pretrained(write_initial_model(report["recipe"], tmp_path / "fresh"))
+    pretrained = BLIP3o.from_pretrained(run / "init")
+    fresh_tower, tower = fresh.network.visual.state_dict(), pretrained.network.visual.state_dict()
+    assert not all(torch.equal(fresh_tower[k], tower[k]) for k in tower)
+    assert fresh.network.model.embed_tokens.weight.equal(pretrained.network.model.embed_tokens.weight)
     assert report["reconstruction"]["ground_truth"] == 1.0
-    assert json.loads((tmp_path / "recipe.json").read_text())["quick"] is True
-    model = BLIP3o.from_pretrained(tmp_path / "model")
+    assert json.loads((run / "recipe.json").read_text())["quick"] is True
+    model = BLIP3o.from_pretrained(run / "model")
     # The generation stage trained the queries and DiT on the backbone stage's frozen backbone.
-    understanding = BLIP3o.from_pretrained(next((tmp_path / "backbone").glob("checkpoint-*")) / "model")
+    understanding = BLIP3o.from_pretrained(next((run / "backbone").glob("checkpoint-*")) / "model")
     before, after = understanding.network.state_dict(), model.network.state_dict()
     assert not torch.equal(before["model.latent_queries"], after["model.latent_queries"])
     frozen = [k for k in after if not k.startswith(("model.dit.", "model.latent_queries"))]

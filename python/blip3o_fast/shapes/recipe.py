@@ -4,6 +4,8 @@
     2. autoencoder   the target feature encoder (64 tokens of width dim), shapes.autoencoder
     (precompute)     with a stage's objective.targets = "precomputed": the autoencoder's tokens of every
                      caption's image written once into feature shards (training.precompute)
+    (tower)          with a [tower] table, the initial model's vision tower pretrained on the training scenes
+                     (their records as labels; shapes.tower_pretraining): the stand-in for a pretrained vision encoder
     3. backbone      blip3o_fast's own trainer from scratch on [backbone] (a trainer config; the recipe fills
                      in data, targets, output folder): the shipped recipe trains understanding here,
                      next-token CE on the question/answer conversations
@@ -16,7 +18,7 @@
     6. assemble      the trained BLIP3o with the flow decoder as diffusion-decoder/, in the published
                      layout: OUT/model, loadable by BLIP3o.from_pretrained
 
-The recipe file (configs/tiny_shapes.toml) has sections [shapes], [autoencoder], [pixel_decoder], [init],
+The recipe file (configs/tiny_shapes.toml) has sections [shapes], [autoencoder], [pixel_decoder], [init], [tower],
 [backbone] (with [backbone.model], [backbone.objective], ...), [generation] and [quick]: dotted overrides
 applied by --quick, a smoke run of the same code. OUT/recipe.json records the resolved settings, every stage's
 time and the reconstruction scores (how the analyser scores held-out images after the autoencoder, and
@@ -40,7 +42,7 @@ from blip3o_fast.shapes.autoencoder import (
 )
 from blip3o_fast.shapes.pixel_diffusion import FeatureDecoderConfig, FeatureFlowDecoder, train_pixel_decoder
 
-SECTIONS = ("shapes", "autoencoder", "pixel_decoder", "init", "backbone", "generation", "quick")
+SECTIONS = ("shapes", "autoencoder", "pixel_decoder", "init", "tower", "backbone", "generation", "quick")
 # Keys of [autoencoder] / [pixel_decoder] that are training settings, not model settings.
 TRAINING_KEYS = ("steps", "batch_size", "lr", "seed", "object_weight", "latent_noise")
 
@@ -166,6 +168,33 @@ def write_initial_model(recipe: dict[str, Any], folder: Path) -> str:
     return str(folder)
 
 
+def pretrain_initial_tower(source: str, table: dict[str, Any], shapes: dict[str, Any],
+                           log: Callable[[str], None] = print) -> list[float]:
+    """[tower]: pretrains the vision tower of the initial model in folder `source` on the training split's scenes
+    (the same (seed, index) draws as its shards, with their scene records as labels) and writes it back;
+    returns the losses."""
+    from PIL import Image
+
+    from blip3o_fast.models.blip3o import BLIP3o
+    from blip3o_fast.shapes.tower_pretraining import pretrain_tower
+    from blip3o_fast.shapes.world import generate
+
+    if not Path(source).is_dir():
+        raise ValueError(f"[tower] pretrains the initial model [init] writes; the source is {source!r}")
+    model = BLIP3o.from_pretrained(source)
+    if model.network.visual is None:
+        raise ValueError("[tower] needs a backbone with a vision tower")
+    samples = list(generate(shapes.get("train_scenes", 4000), shapes.get("seed", 0)))
+    try:
+        losses = pretrain_tower(model.network.visual, model.image_processor,
+                                [Image.fromarray(s.image) for s in samples], [s.scene for s in samples], log=log,
+                                **table)
+    except TypeError as exc:  # an unknown key
+        raise ValueError(f"[tower]: {exc}") from exc
+    model.save_pretrained(source)
+    return losses
+
+
 def trainer_config(table: dict[str, Any], data_dir: Path, autoencoder_dir: Path, run_dir: Path, dim: int,
                    source: str | None = None):
     """The trainer config of one trainer stage: its table (trainer_stages) with the data, targets, output and
@@ -259,6 +288,10 @@ def run_recipe(path: str | Path, out: str | Path, quick: bool = False, overrides
         stage_done("precompute")
 
     source = write_initial_model(recipe, out / "init")
+    if recipe.get("tower", {}).get("steps", 0) > 0:
+        tower_losses = pretrain_initial_tower(source, recipe["tower"], s, log)
+        report["tower_loss"] = {"first": tower_losses[0], "last": tower_losses[-1]}
+        stage_done("tower")
     for name, table in trainer_stages(recipe):
         cfg = trainer_config(table, data_dir, out / "autoencoder", out / name, autoencoder.cfg.dim, source)
         trainer = Trainer(cfg)

@@ -208,6 +208,15 @@ def test_trainer_uses_autoencoder_targets(tmp_path):
     torch.testing.assert_close(targets(pixels, ["k"], 0, 0), ae.encode(pixels), rtol=0, atol=0)
 
 
+def test_tower_stage_rejects_unknown_keys_and_a_source_it_did_not_write(tmp_path):
+    from blip3o_fast.shapes.recipe import pretrain_initial_tower
+
+    with pytest.raises(ValueError, match=r"\[tower\]: unknown keys \['stepz'\]"):
+        pretrain_initial_tower(str(tmp_path), {"stepz": 10}, {})
+    with pytest.raises(ValueError, match="the initial model"):
+        pretrain_initial_tower("tiny:qwen2_5_vl", {"steps": 10}, {})
+
+
 def test_quick_recipe_end_to_end(tmp_path):
     from blip3o_fast import BLIP3o
     from blip3o_fast.shapes.recipe import run_recipe, write_initial_model

@@ -45,6 +45,7 @@ from blip3o_fast.shapes.pixel_diffusion import FeatureDecoderConfig, FeatureFlow
 SECTIONS = ("shapes", "autoencoder", "pixel_decoder", "init", "tower", "backbone", "generation", "quick")
 # Keys of [autoencoder] / [pixel_decoder] that are training settings, not model settings.
 TRAINING_KEYS = ("steps", "batch_size", "lr", "seed", "object_weight", "latent_noise")
+TOWER_KEYS = ("steps", "batch_size", "lr", "seed")  # [tower]: shapes.tower_pretraining.pretrain_tower's settings
 
 
 def load_recipe(path: str | Path, quick: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -179,18 +180,17 @@ def pretrain_initial_tower(source: str, table: dict[str, Any], shapes: dict[str,
     from blip3o_fast.shapes.tower_pretraining import pretrain_tower
     from blip3o_fast.shapes.world import generate
 
+    unknown = set(table) - set(TOWER_KEYS)
+    if unknown:
+        raise ValueError(f"[tower]: unknown keys {sorted(unknown)} (known: {', '.join(TOWER_KEYS)})")
     if not Path(source).is_dir():
         raise ValueError(f"[tower] pretrains the initial model [init] writes; the source is {source!r}")
     model = BLIP3o.from_pretrained(source)
     if model.network.visual is None:
         raise ValueError("[tower] needs a backbone with a vision tower")
     samples = list(generate(shapes.get("train_scenes", 4000), shapes.get("seed", 0)))
-    try:
-        losses = pretrain_tower(model.network.visual, model.image_processor,
-                                [Image.fromarray(s.image) for s in samples], [s.scene for s in samples], log=log,
-                                **table)
-    except TypeError as exc:  # an unknown key
-        raise ValueError(f"[tower]: {exc}") from exc
+    losses = pretrain_tower(model.network.visual, model.image_processor, [Image.fromarray(s.image) for s in samples],
+                            [s.scene for s in samples], log=log, **table)
     model.save_pretrained(source)
     return losses
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -37,6 +38,17 @@ class CellLabels:
     region: np.ndarray  # (cells,) index into POSITIONS of the cell centre's region
 
 
+@lru_cache(maxsize=8)
+def cell_regions(rows: int, cols: int, width: int, height: int) -> np.ndarray:
+    """(cells,) index into POSITIONS of each cell centre's region: the same for every scene of one size, so it
+    is computed once per grid, not per scene and step."""
+    ch, cw = height / rows, width / cols
+    region = np.array([POSITIONS.index(position_of(cw * (k % cols) + cw / 2, ch * (k // cols) + ch / 2, width, height))
+                       for k in range(rows * cols)])
+    region.flags.writeable = False  # shared by every CellLabels of the grid
+    return region
+
+
 def cell_labels(scene: Scene, rows: int, cols: int) -> CellLabels:
     """Labels of a rows x cols grid of cells over the scene's image (row-major, as the tower's tokens)."""
     if scene.height % rows or scene.width % cols:
@@ -48,9 +60,7 @@ def cell_labels(scene: Scene, rows: int, cols: int) -> CellLabels:
     ]).reshape(len(scene.objects), rows * cols)
     owner = np.where(cover.max(0) >= MIN_COVER, cover.argmax(0), -1)
     colour_ids = np.array([list(COLOURS).index(o.colour) for o in scene.objects] + [len(COLOURS)])
-    region = np.array([POSITIONS.index(position_of(cw * (k % cols) + cw / 2, ch * (k // cols) + ch / 2,
-                                                   scene.width, scene.height)) for k in range(rows * cols)])
-    return CellLabels(owner, colour_ids[owner], region)
+    return CellLabels(owner, colour_ids[owner], cell_regions(rows, cols, scene.width, scene.height))
 
 
 class TowerHeads(nn.Module):

@@ -219,12 +219,21 @@ def test_tower_stage_rejects_unknown_keys_and_a_source_it_did_not_write(tmp_path
 
 def test_quick_recipe_end_to_end(tmp_path):
     from blip3o_fast import BLIP3o
+    from blip3o_fast.data import GENERATION, WebDataset
     from blip3o_fast.shapes.recipe import run_recipe, write_initial_model
 
     run = tmp_path / "run"
     report = run_recipe(RECIPE, run, quick=True, log=lambda msg: None)
-    assert set(report["seconds"]) == {"data", "autoencoder", "tower", "backbone", "generation", "pixel_decoder",
-                                      "assemble", "reconstruction_scores"}
+    assert set(report["seconds"]) == {"data", "autoencoder", "precompute", "tower", "backbone", "generation",
+                                      "pixel_decoder", "assemble", "reconstruction_scores"}
+    # The generation stage's targets ([generation.objective] targets = "precomputed"): each training sample's
+    # autoencoder tokens, with its caption.
+    ae = ShapesAutoencoder.from_pretrained(run / "autoencoder")
+    sample = next(iter(WebDataset(str(run / "data" / "train_targets" / "*.tar"), tasks=(GENERATION,),
+                                  shuffle_shards=False, decode_target_image=False)))
+    source = next(iter(WebDataset(str(run / "data" / "train" / "*.tar"), tasks=(GENERATION,), shuffle_shards=False)))
+    assert sample.caption == source.caption
+    torch.testing.assert_close(sample.target, ae.encode(image_to_tensor(source.image)[None])[0])
     # [tower] pretrained the initial model's vision tower in place: it differs from a freshly written one.
     fresh = BLIP3o.from_pretrained(write_initial_model(report["recipe"], tmp_path / "fresh"))
     pretrained = BLIP3o.from_pretrained(run / "init")
@@ -240,7 +249,9 @@ def test_quick_recipe_end_to_end(tmp_path):
     assert not torch.equal(before["model.latent_queries"], after["model.latent_queries"])
     frozen = [k for k in after if not k.startswith(("model.dit.", "model.latent_queries"))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
-    assert model.config.dit.patch_size == report["recipe"]["generation"]["model"]["dit_overrides"]["patch_size"]
+    dit_overrides = report["recipe"]["generation"]["model"]["dit_overrides"]
+    assert (model.config.dit.patch_size, model.config.dit.rope_theta) == (dit_overrides["patch_size"],
+                                                                          dit_overrides["rope_theta"])
     assert report["backbone_loss"]["gen_loss"]["last"] == 0 and report["generation_loss"]["text_loss"]["last"] == 0
     assert isinstance(model.pixel_decoder, FeatureFlowDecoder)
     assert model.image_processor.min_pixels == report["recipe"]["init"]["min_pixels"]  # [init] reached the model
@@ -255,19 +266,13 @@ def test_quick_recipe_end_to_end(tmp_path):
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
-def test_quick_recipe_with_precomputed_targets(tmp_path):
+def test_quick_recipe_with_online_targets(tmp_path):
     from blip3o_fast import BLIP3o
-    from blip3o_fast.data import GENERATION, WebDataset
     from blip3o_fast.shapes.recipe import run_recipe
 
     report = run_recipe(RECIPE, tmp_path, quick=True, log=lambda msg: None,
-                        overrides=['backbone.objective.targets="precomputed"'])
-    assert "precompute" in report["seconds"]
+                        overrides=['generation.objective.targets="online"'])
+    assert "precompute" not in report["seconds"] and not (tmp_path / "data" / "train_targets").exists()
+    assert report["generation_loss"]["gen_loss"]["last"] > 0
     ae = ShapesAutoencoder.from_pretrained(tmp_path / "autoencoder")
-    sample = next(iter(WebDataset(str(tmp_path / "data" / "train_targets" / "*.tar"), tasks=(GENERATION,),
-                                  shuffle_shards=False, decode_target_image=False)))
-    source = next(iter(WebDataset(str(tmp_path / "data" / "train" / "*.tar"), tasks=(GENERATION,),
-                                  shuffle_shards=False)))
-    assert sample.caption == source.caption
-    torch.testing.assert_close(sample.target, ae.encode(image_to_tensor(source.image)[None])[0])
     assert BLIP3o.from_pretrained(tmp_path / "model").config.dit.in_channels == ae.cfg.dim

@@ -91,7 +91,7 @@ def cmd_demo(args) -> None:
                                   seed=[args.seed + i for i in range(len(prompts))])
     paths = _save(images, args.out)
     watch.lap(f"text -> image for {len(prompts)} prompts: backbone prefill, {args.steps}-step flow-matching DiT "
-              f"sampler (guidance {args.guidance}), pixel decoder")
+              f"sampler (guidance {model.resolve_guidance(args.guidance)}), pixel decoder")
     for prompt, image, path in zip(prompts, images, paths):
         print(f"  {prompt!r:44} -> {path}   analyser reads: {_describe(analyse(image))}")
     scene = next(iter(generate(1, args.scene_seed, prefix="demo-")))
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def sampling(p):
         p.add_argument("--steps", type=int, default=30, help="flow-matching steps of the DiT sampler")
-        p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+        p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
 
     demo = sub.add_parser("demo", help="the main job on the shipped tiny-shapes model (no downloads)")
     common(demo, model=False)

@@ -98,6 +98,24 @@ def test_round_trip_gives_identical_outputs(model, tmp_path):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_checkpoint_guidance_default_is_saved_and_used(tmp_path):
+    model = tiny_model("qwen2_5_vl", seed=0)
+    model.config.guidance_scale = 5.0
+    model.save_pretrained(tmp_path)
+    loaded = bf.BLIP3o.from_pretrained(tmp_path)
+    assert loaded.config.guidance_scale == 5.0 and loaded.resolve_guidance(None) == 5.0
+    def features(**guidance):
+        return loaded.generate_image_features(["a red circle"], num_steps=STEPS, seed=0, **guidance)
+
+    default = features()
+    assert torch.equal(default, features(guidance_scale=5.0))
+    assert not torch.allclose(default, features(guidance_scale=3.0))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["blip3o_fast"]["guidance_scale"]  # a checkpoint written before the field: the release's 3.0
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert bf.BLIP3o.from_pretrained(tmp_path).config.guidance_scale == 3.0
+
+
 def test_saved_layout_is_the_published_one(saved):
     raw = json.loads((saved / "config.json").read_text())
     assert raw["model_type"] == "blip3o_qwen"

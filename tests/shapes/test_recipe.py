@@ -217,6 +217,14 @@ def test_tower_stage_rejects_unknown_keys_and_a_source_it_did_not_write(tmp_path
         pretrain_initial_tower("tiny:qwen2_5_vl", {"steps": 10}, {})
 
 
+def test_recipe_rejects_unknown_sampler_keys_before_training(tmp_path):
+    from blip3o_fast.shapes.recipe import run_recipe
+
+    with pytest.raises(ValueError, match=r"\[sampler\]: unknown keys \['guidance'\]"):
+        run_recipe(RECIPE, tmp_path, quick=True, overrides=["sampler.guidance=5.0"], log=lambda msg: None)
+    assert not (tmp_path / "data").exists()
+
+
 def test_quick_recipe_end_to_end(tmp_path):
     from blip3o_fast import BLIP3o
     from blip3o_fast.data import GENERATION, WebDataset
@@ -256,6 +264,7 @@ def test_quick_recipe_end_to_end(tmp_path):
     assert isinstance(model.pixel_decoder, FeatureFlowDecoder)
     assert model.image_processor.min_pixels == report["recipe"]["init"]["min_pixels"]  # [init] reached the model
     assert model.config.feature_dim == report["recipe"]["autoencoder"]["dim"]
+    assert model.config.guidance_scale == report["recipe"]["sampler"]["guidance_scale"]  # [sampler] reached it
     images = model.generate_image(["a red circle", "two blue squares"], num_steps=2, seed=[0, 1])
     assert [im.size for im in images] == [(64, 64)] * 2
     again = model.generate_image(["a red circle"], num_steps=2, seed=0)

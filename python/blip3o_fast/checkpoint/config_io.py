@@ -136,6 +136,7 @@ def config_from_raw(raw: dict[str, Any], state: dict[str, torch.Tensor]) -> BLIP
         n_query=int(raw.get("n_query", 64)),
         flow_shift=float(ours.get("flow_shift", 1.0)),
         num_train_timesteps=int(ours.get("num_train_timesteps", 1000)),
+        guidance_scale=float(ours.get("guidance_scale", 3.0)),
     )
 
 
@@ -185,5 +186,6 @@ def config_to_raw(cfg: BLIP3oConfig, token_ids: dict[str, Any]) -> dict[str, Any
             "dit": dict(vars(cfg.dit)),
             "flow_shift": cfg.flow_shift,
             "num_train_timesteps": cfg.num_train_timesteps,
+            "guidance_scale": cfg.guidance_scale,
         }
     return raw

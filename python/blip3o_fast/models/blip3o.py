@@ -320,6 +320,10 @@ class BLIP3o:
         hidden = net.hidden_states(inputs_embeds=batch, position_ids=positions, attention_mask=mask)
         return hidden[:, -n_query:]
 
+    def resolve_guidance(self, scale: float | None) -> float:
+        """A call's CFG scale, or the checkpoint's default (config.guidance_scale) when it gives none."""
+        return self.config.guidance_scale if scale is None else float(scale)
+
     def _features(
         self,
         prompt_ids: list[list[int]],
@@ -369,7 +373,7 @@ class BLIP3o:
         self,
         features: torch.Tensor,
         num_steps: int = 30,
-        guidance_scale: float = 3.0,
+        guidance_scale: float | None = None,
         seed: int | Sequence[int] | None = 0,
     ) -> list[Image.Image]:
         """CLIP features (B, 64, D) -> images through the pixel decoder, with the bare-space prompt's
@@ -377,7 +381,7 @@ class BLIP3o:
         seeds = _seeds(seed, features.shape[0])
         if self.pixel_decoder is None:
             raise ValueError(f"this model has no pixel decoder: the checkpoint needs a {DECODER_FOLDER}/ folder")
-        negative = self._negative_features(num_steps, guidance_scale)
+        negative = self._negative_features(num_steps, self.resolve_guidance(guidance_scale))
         return self.pixel_decoder.decode(
             features,
             negative,
@@ -391,7 +395,7 @@ class BLIP3o:
         self,
         prompts: Sequence[str],
         num_steps: int = 30,
-        guidance_scale: float = 3.0,
+        guidance_scale: float | None = None,
         seed: int | Sequence[int] | None = 0,
         noise: torch.Tensor | None = None,
         reference_exact: bool = False,
@@ -399,22 +403,22 @@ class BLIP3o:
     ) -> torch.Tensor:
         """CLIP features (B, 64, D) for captions: one backbone prefill, then the flow-matching sampler.
         solver: euler (reference_exact reproduces the release) | heun | multistep (Adams-Bashforth in
-        sigma, for few steps)."""
+        sigma, for few steps). guidance_scale None: the checkpoint's (config.guidance_scale)."""
         prompts = _check_prompts("prompts", prompts)
         for p in prompts:
             if not isinstance(p, str):
                 raise TypeError(f"prompts must be strings, got {type(p).__name__}")
         ids = [self._generation_ids(p) for p in prompts]
+        guidance = self.resolve_guidance(guidance_scale)
         return self._features(
-            ids, [[] for _ in prompts], num_steps, guidance_scale, _seeds(seed, len(prompts)), noise, reference_exact,
-            solver,
+            ids, [[] for _ in prompts], num_steps, guidance, _seeds(seed, len(prompts)), noise, reference_exact, solver,
         )
 
     def generate_image(
         self,
         prompts: Sequence[str],
         num_steps: int = 30,
-        guidance_scale: float = 3.0,
+        guidance_scale: float | None = None,
         seed: int | Sequence[int] | None = 0,
         solver: str = "euler",
     ) -> list[Image.Image]:
@@ -427,7 +431,7 @@ class BLIP3o:
         images: Sequence[ImageArg],
         instructions: Sequence[str],
         num_steps: int = 30,
-        guidance_scale: float = 3.0,
+        guidance_scale: float | None = None,
         seed: int | Sequence[int] | None = 0,
     ) -> list[Image.Image]:
         """Image(s) + instruction -> image: the inputs pass through the vision tower into the prompt
@@ -439,7 +443,8 @@ class BLIP3o:
             raise ValueError("edit_image: every instruction needs at least one input image")
         seeds = _seeds(seed, len(instructions))
         ids = [render_chat(self.tokenizer, user_message(text, len(imgs))) for text, imgs in zip(instructions, per_prompt)]
-        features = self._features(ids, per_prompt, num_steps, guidance_scale, seeds, None, False)
+        guidance = self.resolve_guidance(guidance_scale)
+        features = self._features(ids, per_prompt, num_steps, guidance, seeds, None, False)
         return self.decode_features(features, num_steps, guidance_scale, seeds)
 
     def generate_text(

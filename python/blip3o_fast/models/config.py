@@ -124,6 +124,7 @@ class BLIP3oConfig:
     n_query: int = 64
     flow_shift: float = 1.0  # FlowMatchEulerDiscreteScheduler shift of the DiT's sigma grid
     num_train_timesteps: int = 1000
+    guidance_scale: float = 3.0  # the DiT sampler's CFG scale when a call gives none (the release's 3.0)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:

@@ -16,10 +16,11 @@
                      (e.g. one multitask run of both objectives)
     5. pixel decoder the feature -> pixel flow decoder, shapes.pixel_diffusion
     6. assemble      the trained BLIP3o with the flow decoder as diffusion-decoder/, in the published
-                     layout: OUT/model, loadable by BLIP3o.from_pretrained
+                     layout: OUT/model, loadable by BLIP3o.from_pretrained; [sampler] sets the defaults its
+                     config records (guidance_scale: the CFG scale generate_image uses when given none)
 
 The recipe file (configs/tiny_shapes.toml) has sections [shapes], [autoencoder], [pixel_decoder], [init], [tower],
-[backbone] (with [backbone.model], [backbone.objective], ...), [generation] and [quick]: dotted overrides
+[backbone] (with [backbone.model], [backbone.objective], ...), [generation], [sampler] and [quick]: dotted overrides
 applied by --quick, a smoke run of the same code. OUT/recipe.json records the resolved settings, every stage's
 time and the reconstruction scores (how the analyser scores held-out images after the autoencoder, and
 after the flow decoder on their true features: the bound generation can reach).
@@ -42,10 +43,11 @@ from blip3o_fast.shapes.autoencoder import (
 )
 from blip3o_fast.shapes.pixel_diffusion import FeatureDecoderConfig, FeatureFlowDecoder, train_pixel_decoder
 
-SECTIONS = ("shapes", "autoencoder", "pixel_decoder", "init", "tower", "backbone", "generation", "quick")
+SECTIONS = ("shapes", "autoencoder", "pixel_decoder", "init", "tower", "backbone", "generation", "sampler", "quick")
 # Keys of [autoencoder] / [pixel_decoder] that are training settings, not model settings.
 TRAINING_KEYS = ("steps", "batch_size", "lr", "seed", "object_weight", "latent_noise")
 TOWER_KEYS = ("steps", "batch_size", "lr", "seed")  # [tower]: shapes.tower_pretraining.pretrain_tower's settings
+SAMPLER_KEYS = ("guidance_scale",)  # [sampler]: the sampler defaults the checkpoint's config records
 
 
 def load_recipe(path: str | Path, quick: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -254,6 +256,10 @@ def run_recipe(path: str | Path, out: str | Path, quick: bool = False, overrides
     from blip3o_fast.training.trainer import Trainer
 
     recipe = load_recipe(path, quick, overrides)
+    sampler = recipe.get("sampler", {})
+    unknown = set(sampler) - set(SAMPLER_KEYS)
+    if unknown:  # checked before the stages run, not half an hour later at assembly
+        raise ValueError(f"[sampler]: unknown keys {sorted(unknown)} (known: {', '.join(SAMPLER_KEYS)})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"recipe": recipe, "quick": quick, "seconds": {}}
@@ -314,6 +320,8 @@ def run_recipe(path: str | Path, out: str | Path, quick: bool = False, overrides
     model.network.eval()
     model.pixel_decoder = decoder
     model.config.decoder = decoder.cfg
+    for key, value in sampler.items():
+        setattr(model.config, key, value)
     model.save_pretrained(out / "model")
     stage_done("assemble")
 

@@ -47,7 +47,13 @@ SECTIONS = ("shapes", "autoencoder", "pixel_decoder", "init", "tower", "backbone
 # Keys of [autoencoder] / [pixel_decoder] that are training settings, not model settings.
 TRAINING_KEYS = ("steps", "batch_size", "lr", "seed", "object_weight", "latent_noise")
 TOWER_KEYS = ("steps", "batch_size", "lr", "seed")  # [tower]: shapes.tower_pretraining.pretrain_tower's settings
-SAMPLER_KEYS = ("guidance_scale",)  # [sampler]: the sampler defaults the checkpoint's config records
+SAMPLER_KEYS = ("guidance_scale",)  # [sampler]: sampler defaults written into the checkpoint's config (floats)
+
+
+def check_keys(section: str, table: dict[str, Any], known: tuple[str, ...]) -> None:
+    unknown = set(table) - set(known)
+    if unknown:
+        raise ValueError(f"[{section}]: unknown keys {sorted(unknown)} (known: {', '.join(known)})")
 
 
 def load_recipe(path: str | Path, quick: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -182,9 +188,7 @@ def pretrain_initial_tower(source: str, table: dict[str, Any], shapes: dict[str,
     from blip3o_fast.shapes.tower_pretraining import pretrain_tower
     from blip3o_fast.shapes.world import generate
 
-    unknown = set(table) - set(TOWER_KEYS)
-    if unknown:
-        raise ValueError(f"[tower]: unknown keys {sorted(unknown)} (known: {', '.join(TOWER_KEYS)})")
+    check_keys("tower", table, TOWER_KEYS)
     if not Path(source).is_dir():
         raise ValueError(f"[tower] pretrains the initial model [init] writes; the source is {source!r}")
     model = BLIP3o.from_pretrained(source)
@@ -257,9 +261,7 @@ def run_recipe(path: str | Path, out: str | Path, quick: bool = False, overrides
 
     recipe = load_recipe(path, quick, overrides)
     sampler = recipe.get("sampler", {})
-    unknown = set(sampler) - set(SAMPLER_KEYS)
-    if unknown:  # checked before the stages run, not half an hour later at assembly
-        raise ValueError(f"[sampler]: unknown keys {sorted(unknown)} (known: {', '.join(SAMPLER_KEYS)})")
+    check_keys("sampler", sampler, SAMPLER_KEYS)  # before the stages run, not half an hour later at assembly
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"recipe": recipe, "quick": quick, "seconds": {}}
@@ -321,7 +323,7 @@ def run_recipe(path: str | Path, out: str | Path, quick: bool = False, overrides
     model.pixel_decoder = decoder
     model.config.decoder = decoder.cfg
     for key, value in sampler.items():
-        setattr(model.config, key, value)
+        setattr(model.config, key, float(value))
     model.save_pretrained(out / "model")
     stage_done("assemble")
 

@@ -337,8 +337,8 @@ class NextDiT(nn.Module):
         mods, n = modulation.layers, len(self.layers)
         # Each layer's epilogue also norms and modulates the next layer's input (see NextDiTBlock).
         h = rms_norm_modulate(hs, self.layers[0].norm1.norm.weight, mods[0, 0], cfg.norm_eps)
-        # unbind, not cross_kv[i]: indexing's backward zero-fills a full-size gradient per layer
-        # (the tiny-shapes DiT: 4 x 17 MB, 13% of a training step); unbind's stacks them once.
+        # unbind, not cross_kv[i]: each select's backward zero-fills a gradient of the whole stack, once
+        # per layer (the tiny-shapes DiT: 17 MB each, 13% of a training step); unbind's stacks them once.
         for i, (layer, kv) in enumerate(zip(self.layers, cond.cross_kv.unbind(0))):
             nxt = (self.layers[i + 1].norm1.norm.weight, mods[i + 1, 0]) if i + 1 < n else None
             hs, h = layer(hs, h, mods[i], cos, sin, kv, cond, nxt)

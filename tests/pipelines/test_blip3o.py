@@ -104,6 +104,7 @@ def test_checkpoint_guidance_default_is_saved_and_used(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = bf.BLIP3o.from_pretrained(tmp_path)
     assert loaded.config.guidance_scale == 5.0 and loaded.resolve_guidance(None) == 5.0
+
     def features(**guidance):
         return loaded.generate_image_features(["a red circle"], num_steps=STEPS, seed=0, **guidance)
 

@@ -55,7 +55,7 @@ def test_tower_pretraining_lowers_the_loss():
     images, scenes = [Image.fromarray(s.image) for s in samples], [s.scene for s in samples]
     heads = TowerHeads(32)
     with torch.no_grad():
-        before, accuracy = tower_losses(tower, heads, processor, images, scenes)
+        _, accuracy = tower_losses(tower, heads, processor, images, scenes)
     assert set(accuracy) == {"shape", "colour", "region"}
     losses = pretrain_tower(tower, processor, images, scenes, steps=40, batch_size=8, lr=3e-3, log=lambda _: None)
     assert len(losses) == 40 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])

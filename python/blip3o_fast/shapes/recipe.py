@@ -260,8 +260,9 @@ def run_recipe(path: str | Path, out: str | Path, quick: bool = False, overrides
     from blip3o_fast.training.trainer import Trainer
 
     recipe = load_recipe(path, quick, overrides)
-    sampler = recipe.get("sampler", {})
-    check_keys("sampler", sampler, SAMPLER_KEYS)  # before the stages run, not half an hour later at assembly
+    # [sampler] is checked and converted before the stages run, not half an hour later at assembly.
+    check_keys("sampler", recipe.get("sampler", {}), SAMPLER_KEYS)
+    sampler = {key: float(value) for key, value in recipe.get("sampler", {}).items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"recipe": recipe, "quick": quick, "seconds": {}}
@@ -323,7 +324,7 @@ def run_recipe(path: str | Path, out: str | Path, quick: bool = False, overrides
     model.pixel_decoder = decoder
     model.config.decoder = decoder.cfg
     for key, value in sampler.items():
-        setattr(model.config, key, float(value))
+        setattr(model.config, key, value)
     model.save_pretrained(out / "model")
     stage_done("assemble")
 

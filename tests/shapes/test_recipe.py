@@ -91,6 +91,8 @@ def test_initial_model_adapts_the_tiny_source(tmp_path):
         for key, value in recipe["init"][section].items():
             assert getattr(cfg, key) == value, (section, key)
     assert model.config.vision.out_hidden_size == model.config.dit.caption_dim == recipe["init"]["text"]["hidden_size"]
+    assert not model.config.text.tie_word_embeddings  # lm_head is a matrix of its own
+    assert model.network.lm_head.weight.data_ptr() != model.network.model.embed_tokens.weight.data_ptr()
     # the shapes tokenizer: every word of a caption prompt is one token
     caption = "two purple triangles on the left"
     assert len(model.tokenizer(" " + caption, add_special_tokens=False)["input_ids"]) == len(caption.split())

@@ -147,6 +147,27 @@ def test_objects_sit_at_their_region_slots():
             assert world.MIN_SIZE_FRACTION * size <= o.size <= world.MAX_SIZE_FRACTION * size
 
 
+def _inside_region(u: float, v: float, position: str, margin: float) -> bool:
+    """(u, v) lies `margin` inside the named region: position_of with a margin."""
+    if position == "centre":
+        return max(abs(u), abs(v)) <= world.CENTRE_HALF_WIDTH - margin
+    along, across = (u, v) if position in ("left", "right") else (v, u)
+    sign = -1 if position in ("left", "top") else 1
+    return max(abs(u), abs(v)) >= world.CENTRE_HALF_WIDTH + margin and along * sign >= abs(across) + margin
+
+
+@pytest.mark.parametrize("position", world.POSITIONS)
+def test_every_slot_keeps_its_jitter_inside_the_region(position):
+    """Layout draws no region check: the slot constants guarantee it. Every corner of every slot's JITTER box
+    lies POSITION_MARGIN inside the slot's region (a region is convex, so the whole box does)."""
+    for n in (1,) if position == "centre" else (1, 2):
+        for su, sv in world._slots(position, n):
+            for du in (-world.JITTER, world.JITTER):
+                for dv in (-world.JITTER, world.JITTER):
+                    assert _inside_region(su + du, sv + dv, position, world.POSITION_MARGIN), (position, n)
+                    assert world.position_of((su + du + 0.5) * 64, (sv + dv + 0.5) * 64, 64, 64) == position
+
+
 def test_other_image_sizes():
     rng = np.random.default_rng(0)
     scene = world.realise(Spec((ObjectGroup("square", "red", 2, "left"),)), rng, width=96)

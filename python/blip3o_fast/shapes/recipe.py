@@ -139,7 +139,7 @@ def write_initial_model(recipe: dict[str, Any], folder: Path) -> str:
     trains the BPE tokenizer (vocab_size ids) on the shapes world's text, so each of its words is one
     token (the tiny tokenizer spells "orange" in four pieces; a caption prompt took ~95 tokens, now ~38);
     min_pixels raises the image processor's floor (64x64 gives only 4 vision tokens; 112*112 gives 16);
-    embedding_std re-draws the tied embeddings (N(0, 1) rows make the first text CE about 57 per token);
+    embedding_std re-draws the token embeddings (N(0, 1) rows tied to lm_head made the first text CE about 57);
     query_std re-draws the latent queries (the release's N(0, 1) queries swamp the caption in their residual
     stream: at the tiny size their final states then vary ~3% across captions and the DiT learns to ignore them).
     Any other source is returned unchanged."""

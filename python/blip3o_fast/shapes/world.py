@@ -132,18 +132,6 @@ def position_of(x: float, y: float, width: int, height: int) -> str:
     return "top" if v < 0 else "bottom"
 
 
-def _inside_region(u: float, v: float, position: str) -> bool:
-    """True when (u, v) lies POSITION_MARGIN inside the named region (a stricter position_of)."""
-    m = POSITION_MARGIN
-    if position == "centre":
-        return max(abs(u), abs(v)) <= CENTRE_HALF_WIDTH - m
-    if max(abs(u), abs(v)) < CENTRE_HALF_WIDTH + m:
-        return False
-    along, across = (u, v) if position in ("left", "right") else (v, u)
-    sign = -1 if position in ("left", "top") else 1
-    return along * sign >= abs(across) + m
-
-
 @dataclass
 class PlacedObject:
     shape: str
@@ -278,8 +266,6 @@ def _place(rng: np.random.Generator, shape: str, colour: str, position: str, slo
     for _ in range(tries):
         size = float(rng.uniform(MIN_SIZE_FRACTION, MAX_SIZE_FRACTION) * min(width, height))
         u, v = (slot[0] + rng.uniform(-JITTER, JITTER), slot[1] + rng.uniform(-JITTER, JITTER))
-        if not _inside_region(u, v, position):
-            continue
         obj = PlacedObject(shape, colour, position, float((u + 0.5) * width), float((v + 0.5) * height), size)
         x0, y0, x1, y1 = obj.extents()
         if x0 < border or y0 < border or x1 > width - border or y1 > height - border:

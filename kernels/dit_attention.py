@@ -40,6 +40,7 @@ from blip3o_fast.kernels.rms_norm import (
     num_warps_for,
     persistent_programs,
     row_blocks,
+    row_tile,
     sum_partials,
     tile_elements,
 )
@@ -104,11 +105,8 @@ def _unrotate(g, tok, ok, cos_ptr, sin_ptr, BLOCK: tl.constexpr, HALF: tl.conste
 @triton.jit
 def dit_attention_stats_kernel(x_ptr, stat_ptr, rows, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """stat[row] = (mean, rstd) of x's row over N = H*D channels (biased variance, as LayerNorm)."""
-    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col = tl.arange(0, BLOCK_N)
-    row_ok = row < rows
-    mask = row_ok[:, None] & (col < N)[None, :]
-    x = tl.load(x_ptr + row[:, None] * N + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    row, row_ok, mask, offs = row_tile(0, tl.program_id(0), rows, N, BLOCK_M, BLOCK_N)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / N
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)

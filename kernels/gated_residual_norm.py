@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blip3o_fast.kernels.rms_norm import num_warps_for, persistent_programs, row_blocks, sum_partials
+from blip3o_fast.kernels.rms_norm import num_warps_for, persistent_programs, row_blocks, row_tile, sum_partials
 
 
 @triton.jit
@@ -25,12 +25,9 @@ def gated_residual_norm_fwd_kernel(
     x_ptr, y_ptr, wy_ptr, gate_ptr, wn_ptr, sn_ptr, xo_ptr, h_ptr, ry_ptr, rx_ptr, rows, T, N, eps,
     HAS_NEXT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.arange(0, BLOCK_N)
-    row_ok = row < rows
     col_ok = col < N
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = row[:, None] * N + col[None, :]
+    row, row_ok, mask, offs = row_tile(0, tl.program_id(0), rows, N, BLOCK_M, BLOCK_N)
     boffs = (row // T)[:, None] * N + col[None, :]
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -68,11 +65,7 @@ def gated_residual_norm_bwd_kernel(
         wn = tl.load(wn_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
         s1 = 1.0 + tl.load(sn_ptr + b * N + col, mask=col_ok, other=0.0).to(tl.float32)
     for blk in range(split, tl.cdiv(T, BLOCK_M), nsplit):
-        t = blk * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-        t_ok = t < T
-        row = b * T + t
-        mask = t_ok[:, None] & col_ok[None, :]
-        offs = row[:, None] * N + col[None, :]
+        row, t_ok, mask, offs = row_tile(b * T, blk, T, N, BLOCK_M, BLOCK_N)
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         ry = tl.load(ry_ptr + row, mask=t_ok, other=0.0)
         yhat = y * ry[:, None]

@@ -21,18 +21,26 @@ import triton.language as tl
 
 
 @triton.jit
+def row_tile(base, blk, rows, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row block `blk` of the `rows` rows from row `base` of a row-major (*, N) matrix, whole rows (columns
+    tl.arange(0, BLOCK_N)): the rows' indices (int64), which of them exist, the tile's mask and offsets."""
+    t = tl.arange(0, BLOCK_M).to(tl.int64) + blk * BLOCK_M
+    col = tl.arange(0, BLOCK_N)
+    t_ok = t < rows
+    row = base + t
+    return row, t_ok, t_ok[:, None] & (col < N)[None, :], row[:, None] * N + col[None, :]
+
+
+@triton.jit
 def rms_norm_fwd_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, rstd_ptr, rows, N, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """HAS_RESIDUAL (ops.residual_rms_norm): x + r is rounded to the storage dtype, stored at s and
     normalised as rounded; otherwise r_ptr and s_ptr are not touched."""
-    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.arange(0, BLOCK_N)
-    row_ok = row < rows
     col_ok = col < N
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = row[:, None] * N + col[None, :]
+    row, row_ok, mask, offs = row_tile(0, tl.program_id(0), rows, N, BLOCK_M, BLOCK_N)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -60,10 +68,7 @@ def rms_norm_bwd_kernel(
     w = tl.load(w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for blk in range(pid, tl.cdiv(rows, BLOCK_M), nprog):
-        row = blk * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-        row_ok = row < rows
-        mask = row_ok[:, None] & col_ok[None, :]
-        offs = row[:, None] * N + col[None, :]
+        row, row_ok, mask, offs = row_tile(0, blk, rows, N, BLOCK_M, BLOCK_N)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row, mask=row_ok, other=0.0)

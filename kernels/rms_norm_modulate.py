@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blip3o_fast.kernels.rms_norm import num_warps_for, persistent_programs, row_blocks, sum_partials
+from blip3o_fast.kernels.rms_norm import num_warps_for, persistent_programs, row_blocks, row_tile, sum_partials
 
 
 @triton.jit
@@ -21,12 +21,9 @@ def rms_norm_modulate_fwd_kernel(
     x_ptr, w_ptr, scale_ptr, out_ptr, rstd_ptr, rows, T, N, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.arange(0, BLOCK_N)
-    row_ok = row < rows
     col_ok = col < N
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = row[:, None] * N + col[None, :]
+    row, row_ok, mask, offs = row_tile(0, tl.program_id(0), rows, N, BLOCK_M, BLOCK_N)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
     s = tl.load(scale_ptr + (row // T)[:, None] * N + col[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -51,11 +48,7 @@ def rms_norm_modulate_bwd_kernel(
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     ds = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for blk in range(split, tl.cdiv(T, BLOCK_M), nsplit):
-        t = blk * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-        t_ok = t < T
-        row = b * T + t
-        mask = t_ok[:, None] & col_ok[None, :]
-        offs = row[:, None] * N + col[None, :]
+        row, t_ok, mask, offs = row_tile(b * T, blk, T, N, BLOCK_M, BLOCK_N)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row, mask=t_ok, other=0.0)

@@ -423,8 +423,9 @@ class BLIP3o:
         solver: str = "euler",
     ) -> list[Image.Image]:
         seeds = _seeds(seed, len(_check_prompts("prompts", prompts)))
-        features = self.generate_image_features(prompts, num_steps, guidance_scale, seeds, solver=solver)
-        return self.decode_features(features, num_steps, guidance_scale, seeds)
+        guidance = self.resolve_guidance(guidance_scale)
+        features = self.generate_image_features(prompts, num_steps, guidance, seeds, solver=solver)
+        return self.decode_features(features, num_steps, guidance, seeds)
 
     def edit_image(
         self,
@@ -445,7 +446,7 @@ class BLIP3o:
         ids = [render_chat(self.tokenizer, user_message(text, len(imgs))) for text, imgs in zip(instructions, per_prompt)]
         guidance = self.resolve_guidance(guidance_scale)
         features = self._features(ids, per_prompt, num_steps, guidance, seeds, None, False)
-        return self.decode_features(features, num_steps, guidance_scale, seeds)
+        return self.decode_features(features, num_steps, guidance, seeds)
 
     def generate_text(
         self,

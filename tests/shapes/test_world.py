@@ -1,5 +1,6 @@
 """The shapes world: seeded determinism, captions and answers that agree with the scene and its pixels."""
 
+import itertools
 import re
 
 import numpy as np
@@ -160,12 +161,12 @@ def _inside_region(u: float, v: float, position: str, margin: float) -> bool:
 def test_every_slot_keeps_its_jitter_inside_the_region(position):
     """Layout draws no region check: the slot constants guarantee it. Every corner of every slot's JITTER box
     lies POSITION_MARGIN inside the slot's region (a region is convex, so the whole box does)."""
-    for n in (1,) if position == "centre" else (1, 2):
-        for su, sv in world._slots(position, n):
-            for du in (-world.JITTER, world.JITTER):
-                for dv in (-world.JITTER, world.JITTER):
-                    assert _inside_region(su + du, sv + dv, position, world.POSITION_MARGIN), (position, n)
-                    assert world.position_of((su + du + 0.5) * 64, (sv + dv + 0.5) * 64, 64, 64) == position
+    slots = [s for n in ((1,) if position == "centre" else (1, 2)) for s in world._slots(position, n)]
+    corners = (-world.JITTER, world.JITTER)
+    for (su, sv), du, dv in itertools.product(slots, corners, corners):
+        u, v = su + du, sv + dv
+        assert _inside_region(u, v, position, world.POSITION_MARGIN), (position, u, v)
+        assert world.position_of((u + 0.5) * 64, (v + 0.5) * 64, 64, 64) == position
 
 
 def test_other_image_sizes():

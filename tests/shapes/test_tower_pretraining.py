@@ -11,8 +11,8 @@ from blip3o_fast.models.config import BLIP3oConfig
 from blip3o_fast.models.image_processing import QwenImageProcessor
 from blip3o_fast.models.qwen_vision import QwenVisionTower
 from blip3o_fast.shapes import world
-from blip3o_fast.shapes.tower_pretraining import cell_labels, pretrain_tower, tower_losses, TowerHeads
-from blip3o_fast.shapes.world import COLOURS, POSITIONS, ObjectGroup, PlacedObject, Scene, Spec
+from blip3o_fast.shapes.tower_pretraining import cell_labels, cell_regions, pretrain_tower, tower_losses, TowerHeads
+from blip3o_fast.shapes.world import COLOURS, POSITIONS, SHAPES, ObjectGroup, PlacedObject, Scene, Spec
 
 
 def _one_square(x: float, y: float, size: float = 16.0) -> Scene:
@@ -28,10 +28,24 @@ def test_cell_labels_of_a_square_on_cell_boundaries():
     assert sorted(map(tuple, np.argwhere(owner == 0).tolist())) == [(r, c) for r in (2, 3, 4) for c in (0, 1, 2)]
     blue = list(COLOURS).index("blue")
     assert (lab.colour[lab.owner == 0] == blue).all() and (lab.colour[lab.owner == -1] == len(COLOURS)).all()
+    square = SHAPES.index("square")
+    assert (lab.shape[lab.owner == 0] == square).all() and (lab.shape[lab.owner == -1] == len(SHAPES)).all()
     region = lab.region.reshape(8, 8)
     assert POSITIONS[region[4, 0]] == "left" and POSITIONS[region[4, 7]] == "right"
     assert POSITIONS[region[0, 4]] == "top" and POSITIONS[region[7, 3]] == "bottom"
     assert POSITIONS[region[3, 4]] == "centre"
+
+
+def test_an_objects_cells_carry_its_position_across_region_borders():
+    # The left one of two squares at the top (world slot u = -PAIR_OFFSET): cell (2, 2)'s centre (20, 20) lies
+    # in the left region, but the cell belongs to the square, so it is labelled "top".
+    scene = Scene(Spec((ObjectGroup("square", "red", 2, "top"),)), "white",
+                  [PlacedObject("square", "red", "top", 21.8, 12.8, 14.0)])
+    lab = cell_labels(scene, 8, 8)
+    owned = lab.owner == 0
+    assert owned[2 * 8 + 2] and POSITIONS[cell_regions(8, 8, 64, 64)[2 * 8 + 2]] == "left"
+    assert (lab.region[owned] == POSITIONS.index("top")).all()
+    assert (lab.region[~owned] == cell_regions(8, 8, 64, 64)[~owned]).all()
 
 
 def test_cell_labels_ignore_slivers_and_reject_uneven_grids():
@@ -56,7 +70,7 @@ def test_tower_pretraining_lowers_the_loss():
     heads = TowerHeads(32)
     with torch.no_grad():
         _, accuracy = tower_losses(tower, heads, processor, images, scenes)
-    assert set(accuracy) == {"shape", "colour", "region"}
+    assert set(accuracy) == {"shape", "cell_shape", "colour", "region"}
     losses = pretrain_tower(tower, processor, images, scenes, steps=40, batch_size=8, lr=3e-3, log=lambda _: None)
     assert len(losses) == 40 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
     # The same seed trains to the same weights.

@@ -2,16 +2,21 @@
 vision encoder a real BLIP3-o starts from (Qwen2.5-VL's ViT), run before the backbone stage.
 
 The tower's merged tokens form a grid of cells over the image (8 x 8 for a 64 x 64 image at the recipe's
-min_pixels). Three linear heads, dropped afterwards, read them:
+min_pixels). Four linear heads, dropped afterwards, read them:
   shape    the MEAN of an object's cells' tokens -> the object's shape. The language model reads an object as
            an attention average of its tokens; trained through the language model alone, the tower's
            object-mean tokens told shape apart at 0.62 (linear probe) and the model named one object's shape
            at chance. This head makes the average carry it (held-out 0.90 after 400 steps, in a probe).
   colour   every cell -> the colour of the object covering most of it, or the background class.
-  region   every cell -> the named region of its centre (left / right / top / bottom / centre). The tower has
-           relative RoPE only, so it must learn absolute place from the image's border; with it in the tokens
-           the language model's text RoPE can be slow (rope_theta 1e6) and every lookup into the image reads
-           content at any distance from the question.
+  cell shape  every cell -> that object's shape, or the background class. A question names its object ("the
+           red circle", "how many circles"): the lookup finds the object's cells by what each cell carries, so
+           each must carry its object's shape too, not only their mean.
+  region   every cell -> the named position of the object it belongs to, or, on the background, the named
+           region of its own centre (left / right / top / bottom / centre). An object's cells all answer "where
+           is it" alike, even those whose centres lie across a region border. The tower has relative RoPE only,
+           so it must learn absolute place from the image's border; with it in the tokens the language model's
+           text RoPE can be slow (rope_theta 1e6) and every lookup into the image reads content at any
+           distance from the question.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ MIN_COVER = 0.15  # a cell belongs to the object covering most of it when that o
 class CellLabels:
     owner: np.ndarray  # (cells,) index of the object the cell belongs to, -1 for the background
     colour: np.ndarray  # (cells,) index into COLOURS; len(COLOURS) for the background
-    region: np.ndarray  # (cells,) index into POSITIONS of the cell centre's region
+    shape: np.ndarray  # (cells,) index into SHAPES; len(SHAPES) for the background
+    region: np.ndarray  # (cells,) index into POSITIONS: the owner's named position, else the cell centre's region
 
 
 @lru_cache(maxsize=8)
@@ -59,8 +65,12 @@ def cell_labels(scene: Scene, rows: int, cols: int) -> CellLabels:
         for o in scene.objects
     ]).reshape(len(scene.objects), rows * cols)
     owner = np.where(cover.max(0) >= MIN_COVER, cover.argmax(0), -1)
+    # owner -1 (the background) picks each table's last entry, the background class.
     colour_ids = np.array([list(COLOURS).index(o.colour) for o in scene.objects] + [len(COLOURS)])
-    return CellLabels(owner, colour_ids[owner], cell_regions(rows, cols, scene.width, scene.height))
+    shape_ids = np.array([SHAPES.index(o.shape) for o in scene.objects] + [len(SHAPES)])
+    position_ids = np.array([POSITIONS.index(o.position) for o in scene.objects] + [-1])
+    region = np.where(owner >= 0, position_ids[owner], cell_regions(rows, cols, scene.width, scene.height))
+    return CellLabels(owner, colour_ids[owner], shape_ids[owner], region)
 
 
 class TowerHeads(nn.Module):
@@ -68,12 +78,13 @@ class TowerHeads(nn.Module):
         super().__init__()
         self.shape = nn.Linear(width, len(SHAPES))
         self.colour = nn.Linear(width, len(COLOURS) + 1)
+        self.cell_shape = nn.Linear(width, len(SHAPES) + 1)
         self.region = nn.Linear(width, len(POSITIONS))
 
 
 def tower_losses(tower: nn.Module, heads: TowerHeads, processor, images: Sequence[Image.Image],
                  scenes: Sequence[Scene]) -> tuple[torch.Tensor, dict[str, float]]:
-    """The summed loss of the three heads on one batch, and each head's accuracy."""
+    """The summed loss of the heads on one batch, and each head's accuracy."""
     pixel_values, grid = processor(list(images))
     merge = tower.cfg.spatial_merge_size
     rows, cols = int(grid[0, 1]) // merge, int(grid[0, 2]) // merge
@@ -89,10 +100,11 @@ def tower_losses(tower: nn.Module, heads: TowerHeads, processor, images: Sequenc
                 objects.append(tokens[i][cells].mean(0))
                 shapes.append(SHAPES.index(obj.shape))
     colour = torch.from_numpy(np.stack([lab.colour for lab in labels])).view(-1)
+    cell_shape = torch.from_numpy(np.stack([lab.shape for lab in labels])).view(-1)
     region = torch.from_numpy(np.stack([lab.region for lab in labels])).view(-1)
     flat = tokens.reshape(-1, tokens.shape[-1])
-    logits = {"colour": heads.colour(flat), "region": heads.region(flat)}
-    targets = {"colour": colour, "region": region}
+    logits = {"colour": heads.colour(flat), "cell_shape": heads.cell_shape(flat), "region": heads.region(flat)}
+    targets = {"colour": colour, "cell_shape": cell_shape, "region": region}
     if objects:
         logits["shape"], targets["shape"] = heads.shape(torch.stack(objects)), torch.tensor(shapes)
     loss = sum(F.cross_entropy(logits[k], targets[k]) for k in logits)

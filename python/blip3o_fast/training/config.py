@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 GENERATION_OBJECTIVES = ("clip_flow", "clip_mse", "vae_flow", "none")
-TRAINABLE_SETS = ("released", "full", "dit_only")
+TRAINABLE_SETS = ("released", "full", "language", "dit_only")
 SCHEDULES = ("cosine_with_min_lr", "cosine", "constant")
 PARALLEL = ("none", "ddp", "fsdp")
 PRECISIONS = ("fp32", "bf16")
@@ -29,7 +29,7 @@ PRECISIONS = ("fp32", "bf16")
 class ModelSection:
     source: str = "tiny:qwen2_5_vl"  # a checkpoint folder, or tiny:qwen2_5_vl / tiny:llama3
     seed: int = 0  # weights of a tiny model and of modules the checkpoint lacks
-    trainable: str = "released"  # released | full | dit_only
+    trainable: str = "released"  # released | full | language | dit_only
     # Replaces the DiT by a freshly initialised one with these DiTConfig fields changed (VAE-latent
     # mode: in_channels = latent channels, sample_size = latent side, patch_size).
     dit_overrides: dict[str, Any] = field(default_factory=dict)

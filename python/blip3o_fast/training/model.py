@@ -18,6 +18,7 @@ from blip3o_fast.models.config import DiTConfig
 from blip3o_fast.models.dit import NextDiT
 from blip3o_fast.tiny import tiny_model
 from blip3o_fast.tokenizer import BLIP3O_ADDED_TOKENS, TokenIds
+from blip3o_fast.training.config import TRAINABLE_SETS
 from blip3o_fast.ops import linear_cross_entropy
 from blip3o_fast.training.batches import IGNORE, TrainBatch
 from blip3o_fast.training.objectives import feature_mse_loss, flow_matching_loss
@@ -76,19 +77,22 @@ def add_generation_parts(model: BLIP3o, seed: int, dit_overrides: dict) -> None:
 
 def set_trainable(network: BLIP3oNetwork, trainable: str, generation: str, text: bool = False) -> None:
     """released: the DiT and the queries (backbone and vision tower frozen, spec 1); full: the
-    backbone too; dit_only: the DiT alone. Parts the objective never uses stay frozen (the DiT under
+    backbone too; language: full but the vision tower frozen, as LLaVA-style training on a pretrained
+    vision encoder; dit_only: the DiT alone. Parts the objective never uses stay frozen (the DiT under
     clip_mse; DiT and queries without a generation objective; an untied lm_head without the text
     objective), so every trainable parameter gets a gradient on every step."""
-    if trainable not in ("released", "full", "dit_only"):
-        raise ValueError(f"trainable must be released, full or dit_only, got {trainable!r}")
-    network.requires_grad_(trainable == "full")
+    if trainable not in TRAINABLE_SETS:
+        raise ValueError(f"trainable must be one of {', '.join(TRAINABLE_SETS)}, got {trainable!r}")
+    network.requires_grad_(trainable in ("full", "language"))
+    if trainable == "language" and network.visual is not None:
+        network.visual.requires_grad_(False)
     if not text and network.lm_head.weight is not network.model.embed_tokens.weight:
         network.lm_head.requires_grad_(False)
     has_dit = network.dit is not None
     if has_dit:
         network.dit.requires_grad_(generation in ("clip_flow", "vae_flow"))
     if hasattr(network.model, "latent_queries"):
-        network.model.latent_queries.requires_grad_(generation != "none" and trainable in ("released", "full"))
+        network.model.latent_queries.requires_grad_(generation != "none" and trainable != "dit_only")
     elif generation != "none":
         raise ValueError("a generation objective needs a BLIP3o model with latent queries and a DiT")
     if generation in ("clip_flow", "vae_flow") and not has_dit:

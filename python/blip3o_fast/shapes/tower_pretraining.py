@@ -68,8 +68,9 @@ def cell_labels(scene: Scene, rows: int, cols: int) -> CellLabels:
     # owner -1 (the background) picks each table's last entry, the background class.
     colour_ids = np.array([list(COLOURS).index(o.colour) for o in scene.objects] + [len(COLOURS)])
     shape_ids = np.array([SHAPES.index(o.shape) for o in scene.objects] + [len(SHAPES)])
-    position_ids = np.array([POSITIONS.index(o.position) for o in scene.objects] + [-1])
-    region = np.where(owner >= 0, position_ids[owner], cell_regions(rows, cols, scene.width, scene.height))
+    region = cell_regions(rows, cols, scene.width, scene.height).copy()
+    owned = owner >= 0
+    region[owned] = np.array([POSITIONS.index(o.position) for o in scene.objects])[owner[owned]]
     return CellLabels(owner, colour_ids[owner], shape_ids[owner], region)
 
 

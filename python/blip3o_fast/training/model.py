@@ -18,9 +18,9 @@ from blip3o_fast.models.config import DiTConfig
 from blip3o_fast.models.dit import NextDiT
 from blip3o_fast.tiny import tiny_model
 from blip3o_fast.tokenizer import BLIP3O_ADDED_TOKENS, TokenIds
-from blip3o_fast.training.config import TRAINABLE_SETS
 from blip3o_fast.ops import linear_cross_entropy
 from blip3o_fast.training.batches import IGNORE, TrainBatch
+from blip3o_fast.training.config import TRAINABLE_SETS
 from blip3o_fast.training.objectives import feature_mse_loss, flow_matching_loss
 
 TINY_PREFIX = "tiny:"

@@ -41,11 +41,11 @@ def test_an_objects_cells_carry_its_position_across_region_borders():
     # in the left region, but the cell belongs to the square, so it is labelled "top".
     scene = Scene(Spec((ObjectGroup("square", "red", 2, "top"),)), "white",
                   [PlacedObject("square", "red", "top", 21.8, 12.8, 14.0)])
-    lab = cell_labels(scene, 8, 8)
+    lab, centres = cell_labels(scene, 8, 8), cell_regions(8, 8, 64, 64)
     owned = lab.owner == 0
-    assert owned[2 * 8 + 2] and POSITIONS[cell_regions(8, 8, 64, 64)[2 * 8 + 2]] == "left"
+    assert owned[2 * 8 + 2] and POSITIONS[centres[2 * 8 + 2]] == "left"
     assert (lab.region[owned] == POSITIONS.index("top")).all()
-    assert (lab.region[~owned] == cell_regions(8, 8, 64, 64)[~owned]).all()
+    assert (lab.region[~owned] == centres[~owned]).all()
 
 
 def test_cell_labels_ignore_slivers_and_reject_uneven_grids():
